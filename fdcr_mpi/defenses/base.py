@@ -1,0 +1,170 @@
+"""The defense protocol, its inputs and outputs, and the registry.
+
+A defense is a pure function of ``RoundInputs`` and its own saved state (``state_dict``).
+It never sees which clients are attackers: that list exists only in the metrics.
+Adding a defense is one new module with a class decorated by ``@register("name")``
+and one import line in ``fdcr_mpi/defenses/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pydantic
+import torch
+
+from fdcr_mpi.errors import UserError, describe_validation_error
+
+
+@dataclass
+class ProxyData:
+    """The server's 256-sample proxy set and what is needed to train or evaluate on it.
+
+    ``x`` are model-ready float32 images (n, 3, 32, 32); ``y`` int64 labels.
+    ``make_model`` returns a fresh model whose parameters are views of one flat vector
+    (see ``fdcr_mpi.models.FlatModel``); ``lr`` etc. are the clients' training settings.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    make_model: Callable[[], Any] | None = None
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class RoundInputs:
+    """Everything a defense may use in one round (ARCHITECTURE.md, step 4).
+
+    global_weights: w_t, (D,) float32.
+    client_weights: w_k after local training, (K, D) float32, rows in client-id order.
+    fisher: F_k, (K, D) float32, or None when the defense does not ask for it.
+    sizes: N_k, (K,) float64.
+    trainable: (D,) bool, True where the entry is a trainable parameter (False for buffers
+        such as BatchNorm statistics); None means every entry is trainable.
+    lr: the clients' local learning rate eta.
+    round: t, counted from 0.
+    proxy: the server's proxy data, for the defenses that need it.
+    """
+
+    global_weights: torch.Tensor
+    client_weights: torch.Tensor
+    sizes: torch.Tensor
+    fisher: torch.Tensor | None = None
+    trainable: torch.Tensor | None = None
+    lr: float = 0.01
+    round: int = 0
+    total_rounds: int = 1
+    proxy: ProxyData | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.client_weights.shape[0])
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """alpha_k = N_k / N, float64."""
+        sizes = self.sizes.to(torch.float64)
+        return sizes / sizes.sum()
+
+    @property
+    def updates(self) -> torch.Tensor:
+        """delta_k = w_k - w_t, (K, D)."""
+        return self.client_weights - self.global_weights.unsqueeze(0)
+
+
+@dataclass
+class RoundResult:
+    """What a defense returns: w_{t+1}, alpha_hat, the removed mask and named diagnostics.
+
+    weights: (D,) float32. alpha_hat: (K,) float64, the weight each client finally got
+    (zeros for removed clients). removed: (K,) bool, the clients the defense excluded.
+    diagnostics: named numbers or per-client arrays (e.g. ``discrepancy`` (K,)).
+    """
+
+    weights: torch.Tensor
+    alpha_hat: np.ndarray
+    removed: np.ndarray
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class NoOptions(pydantic.BaseModel):
+    """Options of a defense that has none."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+class Defense:
+    """Base class: Flower-style strategy reduced to one ``aggregate`` step.
+
+    Subclasses set ``name`` (through ``@register``), ``summary`` (one line for
+    ``fdcr-mpi list defenses``), ``needs_fisher`` / ``needs_proxy``, an ``Options``
+    pydantic model (``extra="forbid"``, every field with its paper default: the config
+    section ``<name>.*`` is generated from it), and implement ``aggregate``.
+    ``self.options`` holds the validated options. Defenses with history across rounds
+    override ``state_dict``/``load_state_dict``; the state must be a flat dict of numpy
+    arrays so that it checkpoints to HDF5.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_fisher: ClassVar[bool] = False
+    needs_proxy: ClassVar[bool] = False
+    Options: ClassVar[type[pydantic.BaseModel]] = NoOptions
+
+    def __init__(self, **options: Any) -> None:
+        try:
+            self.options = self.Options(**options)
+        except pydantic.ValidationError as exc:
+            raise UserError(describe_validation_error(exc, prefix=self.name)) from None
+
+    def aggregate(self, inputs: RoundInputs) -> RoundResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if state:
+            raise UserError(f"the checkpoint holds state for defense {self.name!r}, which keeps none")
+
+
+_REGISTRY: dict[str, type[Defense]] = {}
+
+
+def register(name: str) -> Callable[[type[Defense]], type[Defense]]:
+    """Class decorator: make a defense available under ``name``."""
+
+    def wrap(cls: type[Defense]) -> type[Defense]:
+        if name in _REGISTRY:
+            raise ValueError(f"defense {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available() -> dict[str, type[Defense]]:
+    """Registered defenses by name, sorted."""
+    return dict(sorted(_REGISTRY.items()))
+
+
+def create(name: str, **options: Any) -> Defense:
+    """Instantiate a registered defense; an unknown name or option is a ``UserError``."""
+    if name not in _REGISTRY:
+        choices = ", ".join(sorted(_REGISTRY))
+        raise UserError(f"unknown defense {name!r}; choose one of: {choices}")
+    return _REGISTRY[name](**options)
+
+
+def weighted_sum(alpha: torch.Tensor | np.ndarray, rows: torch.Tensor) -> torch.Tensor:
+    """sum_k alpha_k rows_k in client-id order, float32 out (deterministic on one process)."""
+    a = torch.as_tensor(np.asarray(alpha, dtype=np.float64)).to(torch.float32)
+    return (a.unsqueeze(1) * rows).sum(dim=0)

@@ -1,0 +1,176 @@
+"""Models whose parameters are views of one flat float32 vector.
+
+A round moves one contiguous vector per model across process boundaries (ARCHITECTURE.md):
+loading w_t is one ``copy_`` into ``FlatModel.flat``; reading w_k is reading it. The vector
+holds the trainable parameters first, then the floating-point buffers (BatchNorm running
+statistics); ``trainable`` marks which entries are parameters. Integer buffers
+(``num_batches_tracked``) stay local and never travel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fdcr_mpi.errors import UserError
+
+
+class SimpleCNN(nn.Module):
+    """ALGORITHM.md section 4: 92,626 parameters, no BatchNorm."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(400, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 84)
+        self.fc4 = nn.Linear(84, 256)
+        self.classifier = nn.Linear(256, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        x = torch.relu(self.fc3(x))
+        x = self.fc4(x)
+        return self.classifier(x)
+
+
+class _BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18 (3x3 stem, no max-pool), about 11.2M parameters."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers: list[nn.Module] = []
+        in_planes = 64
+        for planes, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            for s in (stride, 1):
+                layers.append(_BasicBlock(in_planes, planes, s))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        out = torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1)
+        return self.linear(out)
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {"simple_cnn": SimpleCNN, "resnet18": ResNet18}
+
+
+class FlatModel:
+    """A module whose floating-point parameters and buffers live in one flat vector.
+
+    ``flat``: (D,) float32, parameters first then float buffers.
+    ``grad``: (P,) float32, the gradients of the P trainable entries (``flat[:P]``).
+    ``trainable``: (D,) bool, True for the first P entries.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        params = [p for p in module.parameters() if p.requires_grad]
+        buffers = [(m, n, b) for m in module.modules() for n, b in m._buffers.items()
+                   if b is not None and b.is_floating_point()]
+        self.num_params = sum(p.numel() for p in params)
+        total = self.num_params + sum(b.numel() for _, _, b in buffers)
+        self.flat = torch.empty(total, dtype=torch.float32)
+        self.grad = torch.zeros(self.num_params, dtype=torch.float32)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            self.flat[offset:offset + n].copy_(p.detach().reshape(-1))
+            p.data = self.flat[offset:offset + n].view_as(p)
+            p.grad = self.grad[offset:offset + n].view_as(p)
+            offset += n
+        for owner, name, b in buffers:
+            n = b.numel()
+            self.flat[offset:offset + n].copy_(b.reshape(-1))
+            owner._buffers[name] = self.flat[offset:offset + n].view_as(b)
+            offset += n
+        self.trainable = torch.zeros(total, dtype=torch.bool)
+        self.trainable[: self.num_params] = True
+
+    @property
+    def size(self) -> int:
+        """D, the length of the flat vector."""
+        return int(self.flat.numel())
+
+    @property
+    def params(self) -> torch.Tensor:
+        """The trainable part of the flat vector, ``flat[:P]`` (a view)."""
+        return self.flat[: self.num_params]
+
+    def load(self, weights: torch.Tensor) -> None:
+        """Set every parameter and float buffer from a (D,) vector in one copy."""
+        if weights.numel() != self.size:
+            raise ValueError(f"weights have {weights.numel()} entries, the model {self.size}")
+        with torch.no_grad():
+            self.flat.copy_(weights.reshape(-1))
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+
+
+def build_model(name: str, seed: int, num_classes: int = 10) -> FlatModel:
+    """The named model with weights initialised from ``seed`` only (the global RNG is restored)."""
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = MODELS[name](num_classes)
+    return FlatModel(module)
+
+
+class FlatSGD:
+    """torch.optim.SGD (dampening 0, no Nesterov) as three fused ops on the flat vector.
+
+    d = g + wd * w;  m = d (first step) or mu * m + d;  w = w - lr * m.
+    """
+
+    def __init__(self, model: FlatModel, lr: float, momentum: float, weight_decay: float) -> None:
+        self.model = model
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buf: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        w, g = self.model.params, self.model.grad
+        d = g.add(w, alpha=self.weight_decay) if self.weight_decay else g.clone()
+        if self.momentum:
+            if self.buf is None:
+                self.buf = d
+            else:
+                self.buf.mul_(self.momentum).add_(d)
+            d = self.buf
+        w.add_(d, alpha=-self.lr)
