@@ -104,8 +104,9 @@ class FlatModel:
                    if b is not None and b.is_floating_point()]
         self.num_params = sum(p.numel() for p in params)
         total = self.num_params + sum(b.numel() for _, _, b in buffers)
-        self.flat = torch.empty(total, dtype=torch.float32)
-        self.grad = torch.zeros(self.num_params, dtype=torch.float32)
+        device = params[0].device if params else torch.device("cpu")
+        self.flat = torch.empty(total, dtype=torch.float32, device=device)
+        self.grad = torch.zeros(self.num_params, dtype=torch.float32, device=device)
         offset = 0
         for p in params:
             n = p.numel()
@@ -142,14 +143,18 @@ class FlatModel:
         self.grad.zero_()
 
 
-def build_model(name: str, seed: int, num_classes: int = 10) -> FlatModel:
-    """The named model with weights initialised from ``seed`` only (the global RNG is restored)."""
+def build_model(name: str, seed: int, num_classes: int = 10,
+                device: torch.device | str = "cpu") -> FlatModel:
+    """The named model with weights initialised from ``seed`` only (the global RNG is restored).
+
+    Initialisation always runs on the CPU, so the initial weights do not depend on the device.
+    """
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = MODELS[name](num_classes)
-    return FlatModel(module)
+    return FlatModel(module.to(device))
 
 
 class FlatSGD:

@@ -1,0 +1,146 @@
+"""``fdcr-mpi``: run | resume | inspect | list. ``python -m fdcr_mpi`` is the same program.
+
+Every user error ends in one sentence on stderr (printed by rank 0 only) and exit code 2;
+a run stopped by SIGTERM/SIGUSR1 exits 75 after leaving a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from fdcr_mpi import __version__
+from fdcr_mpi.errors import Preempted, UserError
+
+RANK_ENV_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def env_rank() -> int:
+    """This process's rank as the launcher told it, without initialising MPI (0 when not launched)."""
+    for name in RANK_ENV_VARS:
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fdcr-mpi", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"fdcr-mpi {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) an experiment")
+    run.add_argument("items", nargs="*", metavar="CONFIG|key=value",
+                     help="an optional YAML config file, then dotted overrides (data.beta=0.3)")
+    run.add_argument("--out", type=Path, help="run directory (default: runs/<config hash>)")
+    run.add_argument("--data-root", help="dataset root (else data.root, $FDCR_DATA, ./data)")
+    run.add_argument("--restart", action="store_true", help="discard an existing run in --out and start over")
+    run.add_argument("--transport", choices=("auto", "local", "mpi"), default="auto")
+    run.add_argument("--quiet", action="store_true", help="print only the final sha256")
+
+    resume = sub.add_parser("resume", help="resume the run in DIR from its last checkpoint")
+    resume.add_argument("dir", type=Path)
+    resume.add_argument("--data-root")
+    resume.add_argument("--transport", choices=("auto", "local", "mpi"), default="auto")
+    resume.add_argument("--quiet", action="store_true")
+
+    inspect = sub.add_parser("inspect", help="summarise the run in DIR")
+    inspect.add_argument("dir", type=Path)
+
+    lst = sub.add_parser("list", help="list defenses, datasets or models")
+    lst.add_argument("what", choices=("defenses", "datasets", "models"))
+    return p
+
+
+def split_items(items: list[str]) -> tuple[str | None, list[str]]:
+    """(config file, overrides): the first item is the file unless it is an override."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fdcr_mpi.config import config_hash, load_config
+    from fdcr_mpi.runtime.run import execute
+
+    path, overrides = split_items(args.items)
+    if args.data_root:
+        overrides = [*overrides, f"data.root={args.data_root}"]
+    config = load_config(path, overrides)
+    out = args.out or Path("runs") / config_hash(config)
+    return execute(config, out, restart=args.restart, transport_kind=args.transport, quiet=args.quiet)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from fdcr_mpi.config import from_yaml
+    from fdcr_mpi.runtime.run import RUN_FILE, execute
+    from fdcr_mpi.store import read_summary
+
+    path = args.dir / RUN_FILE
+    if not path.is_file():
+        raise UserError(f"{args.dir} holds no run to resume (no {RUN_FILE})")
+    config = from_yaml(read_summary(path)["config"])
+    if args.data_root:
+        config.data.root = args.data_root
+    return execute(config, args.dir, transport_kind=args.transport, quiet=args.quiet)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from fdcr_mpi.runtime.run import RUN_FILE
+    from fdcr_mpi.store import format_summary, read_summary
+
+    path = args.dir / RUN_FILE
+    if not path.is_file():
+        raise UserError(f"{args.dir} holds no run file ({RUN_FILE})")
+    print(format_summary(read_summary(path)))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "defenses":
+        from fdcr_mpi.defenses import available
+
+        for name, cls in available().items():
+            print(f"{name:16s} {cls.summary}")
+    elif args.what == "datasets":
+        from fdcr_mpi.data.datasets import SPECS
+
+        for name in SPECS:
+            print(name)
+    else:
+        from fdcr_mpi.models import MODELS
+
+        for name in MODELS:
+            print(name)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "resume": cmd_resume, "inspect": cmd_inspect, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=".*pynndescent.*")
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        if env_rank() == 0:
+            print(f"fdcr-mpi: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except Preempted as exc:
+        if env_rank() == 0:
+            print(f"fdcr-mpi: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

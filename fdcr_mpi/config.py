@@ -1,0 +1,225 @@
+"""The typed config: YAML files plus dotted overrides, validated before any work starts.
+
+OmegaConf merges the YAML file and the ``key.sub=value`` overrides; pydantic validates the
+result against the schema below (unknown keys and bad values are ``UserError``s naming the
+key and, where there are any, the valid choices). Every defense contributes its own section
+``<defense name>.*`` from its ``Options`` model, so adding a defense needs no change here.
+
+Defaults reproduce the paper's setting (ALGORITHM.md section 6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fdcr_mpi.errors import UserError, describe_validation_error
+
+
+class Section(pydantic.BaseModel):
+    """A config section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dataset: Literal["cifar10", "mnist", "fmnist", "usps", "digits", "synthetic"] = "cifar10"
+    root: str | None = None
+    download: bool = False
+    num_clients: int = pydantic.Field(10, ge=1)
+    beta: float | Literal["iid"] = 0.5
+    min_client_size: int = pydantic.Field(10, ge=1)
+    val_fraction: float = pydantic.Field(0.1, gt=0, lt=1)
+    proxy_size: int = pydantic.Field(256, ge=1)
+
+    @pydantic.field_validator("beta")
+    @classmethod
+    def _positive_beta(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not v > 0:
+            raise ValueError("beta must be a positive number or 'iid'")
+        return v
+
+
+class AttackConfig(Section):
+    kind: Literal["badnets", "dba", "none"] = "badnets"
+    malicious_ratio: float = pydantic.Field(0.3, ge=0, lt=1)
+    malicious_ids: Literal["last", "random"] = "last"
+    target_label: int = pydantic.Field(2, ge=0)
+    poison_rate: float = pydantic.Field(0.5, gt=0, le=1)
+
+
+class TriggerConfig(Section):
+    pattern: Literal["paper", "solid"] = "paper"
+    value: float = 1.0
+
+
+class TrainConfig(Section):
+    local_epochs: int = pydantic.Field(10, ge=0)
+    lr: float = pydantic.Field(0.01, gt=0)
+    momentum: float = pydantic.Field(0.9, ge=0, lt=1)
+    weight_decay: float = pydantic.Field(1e-5, ge=0)
+    batch_size: int = pydantic.Field(64, ge=1)
+    drop_last: bool = True
+
+
+class FisherConfig(Section):
+    estimator: Literal["empirical", "batch_mean_sq"] = "empirical"
+    max_samples: int | None = pydantic.Field(None, ge=1)
+    chunk_size: int | None = pydantic.Field(None, ge=1)
+
+
+class ModelConfig(Section):
+    name: Literal["simple_cnn", "resnet18"] = "simple_cnn"
+
+
+class DefenseConfig(Section):
+    name: str = "fdcr"
+
+
+class EvalConfig(Section):
+    batch_size: int = pydantic.Field(1000, ge=1)
+    final_rounds: int = pydantic.Field(5, ge=1)
+
+
+class FaultConfig(Section):
+    """Fault injection for resilience tests: what goes wrong, on which rank, client and round.
+
+    ``raise``: the rank raises; ``exit``: the rank's process dies; ``nan``/``inf``: the client
+    reports a non-finite update; ``short``: the client reports a Fisher vector of zeros but
+    claims no samples (an invalid row). Off (``none``) by default.
+    """
+
+    kind: Literal["none", "raise", "exit", "nan", "inf", "short"] = "none"
+    rank: int = pydantic.Field(0, ge=0)
+    client: int | None = pydantic.Field(None, ge=0)
+    round: int = pydantic.Field(0, ge=0)
+
+
+class RuntimeConfig(Section):
+    """How the run executes. Nothing here changes the results, so none of it is in the config hash."""
+
+    threads: int | None = pydantic.Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cuda_aware_mpi: Literal["auto", "yes", "no"] = "auto"
+    checkpoint_every: int = pydantic.Field(1, ge=1)
+    keep_checkpoints: int = pydantic.Field(3, ge=1)
+    save_weights_every: int = pydantic.Field(0, ge=0)
+    fault: FaultConfig = FaultConfig()
+
+
+class BaseConfig(Section):
+    seed: int = 0
+    rounds: int = pydantic.Field(50, ge=1)
+    data: DataConfig = DataConfig()
+    attack: AttackConfig = AttackConfig()
+    trigger: TriggerConfig = TriggerConfig()
+    train: TrainConfig = TrainConfig()
+    fisher: FisherConfig = FisherConfig()
+    model: ModelConfig = ModelConfig()
+    defense: DefenseConfig = DefenseConfig()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+def _schema() -> type[BaseConfig]:
+    """BaseConfig plus one section per registered defense, built from its ``Options``."""
+    from fdcr_mpi.defenses import available
+
+    sections = {name: (cls.Options, cls.Options()) for name, cls in available().items()
+                if name not in BaseConfig.model_fields}
+    return pydantic.create_model("Config", __base__=BaseConfig, **sections)  # type: ignore[call-overload]
+
+
+Config = BaseConfig  # the type to annotate with; instances are of the generated subclass
+
+
+def _load_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        return OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, OSError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise UserError(f"config file {path} is not a valid YAML mapping: {reason}") from None
+
+
+def _parse_overrides(overrides: list[str]) -> Any:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override {item!r} is not of the form key.sub=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        reason = str(exc).splitlines()[0]
+        raise UserError(f"could not parse the overrides {overrides}: {reason}") from None
+
+
+def validate(data: Any) -> BaseConfig:
+    """Validate a plain dict against the schema; one ``UserError`` sentence on the first problem."""
+    if not isinstance(data, dict):
+        raise UserError("the config must be a mapping of sections (data:, attack:, ...)")
+    try:
+        config = _schema().model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise UserError(describe_validation_error(exc)) from None
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: BaseConfig) -> None:
+    """Checks that span sections."""
+    from fdcr_mpi.defenses import available
+
+    names = available()
+    if config.defense.name not in names:
+        raise UserError(f"config key 'defense.name' has the invalid value {config.defense.name!r}; "
+                        f"choose one of: {', '.join(names)}")
+    if config.attack.target_label >= 10:
+        raise UserError(f"config key 'attack.target_label' is {config.attack.target_label}, "
+                        "but the datasets have 10 classes (0-9)")
+    if config.attack.kind != "none":
+        attackers = int(config.attack.malicious_ratio * config.data.num_clients)
+        if config.attack.malicious_ratio > 0 and attackers == 0:
+            raise UserError(f"attack.malicious_ratio {config.attack.malicious_ratio} gives no attacker "
+                            f"among {config.data.num_clients} clients; raise it or set attack.kind=none")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> BaseConfig:
+    """The validated config from an optional YAML file and dotted overrides (later wins)."""
+    parts = [OmegaConf.create({})]
+    if path is not None:
+        parts.append(_load_yaml(path))
+    if overrides:
+        parts.append(_parse_overrides(list(overrides)))
+    try:
+        merged = OmegaConf.to_container(OmegaConf.merge(*parts), resolve=True)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"could not merge the config: {str(exc).splitlines()[0]}") from None
+    return validate(merged)
+
+
+def to_yaml(config: BaseConfig) -> str:
+    """The resolved config as YAML text (stored in the run file; loads back to the same config)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def from_yaml(text: str) -> BaseConfig:
+    """Inverse of ``to_yaml``."""
+    return validate(yaml.safe_load(text))
+
+
+def config_hash(config: BaseConfig) -> str:
+    """sha256 of everything that decides the results: the config without ``runtime`` and data paths."""
+    data = config.model_dump(mode="json")
+    data.pop("runtime", None)
+    data["data"].pop("root", None)
+    data["data"].pop("download", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

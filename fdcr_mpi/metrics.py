@@ -1,0 +1,49 @@
+"""Metrics of a round (ALGORITHM.md section 5): A, ASR, R, V and detection rates.
+
+Only metrics read the ground truth (the attacker list); defenses never do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fdcr_mpi.data.datasets import model_input
+from fdcr_mpi.models import FlatModel
+
+
+@torch.no_grad()
+def accuracy(model: FlatModel, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in % of ``model`` on preprocessed images ``x`` with labels ``y``."""
+    if y.numel() == 0:
+        return float("nan")
+    model.module.eval()
+    correct = 0
+    for start in range(0, y.numel(), batch_size):
+        logits = model.module(model_input(x[start:start + batch_size]))
+        correct += int((logits.argmax(dim=1) == y[start:start + batch_size]).sum())
+    return 100.0 * correct / y.numel()
+
+
+def backdoor_failure_rate(asr: float) -> float:
+    """R = 100 - ASR."""
+    return 100.0 - asr
+
+
+def v_score(a: float, r: float) -> float:
+    """V = (A + R) / 2."""
+    return (a + r) / 2.0
+
+
+def detection_rates(removed: np.ndarray, malicious: np.ndarray) -> tuple[float, float]:
+    """(TPR, FPR) of a removed mask against the ground truth; nan where the class is empty."""
+    removed, malicious = np.asarray(removed, bool), np.asarray(malicious, bool)
+    tpr = float(removed[malicious].mean()) if malicious.any() else float("nan")
+    fpr = float(removed[~malicious].mean()) if (~malicious).any() else float("nan")
+    return tpr, fpr
+
+
+def final_figure(values: np.ndarray, last: int = 5) -> float:
+    """The reported figure of a run: the mean of its last ``last`` rounds."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.mean(values[-last:])) if values.size else float("nan")

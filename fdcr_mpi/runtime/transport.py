@@ -1,0 +1,202 @@
+"""Moving flat buffers between the server (rank 0) and the client ranks.
+
+This is the only module that imports mpi4py. ``LocalTransport`` runs everything in one
+process; ``MpiTransport`` uses buffer-based collectives (``Bcast`` of w_t, ``Gatherv`` of
+the clients' rows), as in mpi4py's demos.
+
+Placement: rank 0 is the server and hosts no client; clients are dealt to ranks 1..P-1 in
+contiguous, balanced blocks of ids (``np.array_split``), so ``Gatherv`` lands every row in
+client-id order with no permutation copy. (ARCHITECTURE.md proposed k mod (P-1); blocks
+give the same balance and a zero-copy gather.) Ranks beyond K hold no client.
+
+Waiting ranks do not busy-poll: before each collective that may wait long, every rank
+enters an ``Ibarrier`` and sleeps between tests (MPICH spins a core inside a blocking
+collective otherwise, halving the speed of the ranks that are working).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from typing import Any, Protocol
+
+import numpy as np
+
+from fdcr_mpi.errors import UserError
+
+MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
+                "HYDI_CONTROL_FD", "PMI_FD")
+
+
+def client_blocks(num_clients: int, num_ranks: int) -> list[list[int]]:
+    """Client ids hosted by each rank: rank 0 none, ranks 1..P-1 contiguous balanced blocks.
+
+    With one rank, rank 0 hosts everyone.
+    """
+    if num_ranks == 1:
+        return [list(range(num_clients))]
+    blocks = np.array_split(np.arange(num_clients), num_ranks - 1)
+    return [[]] + [b.tolist() for b in blocks]
+
+
+class Transport(Protocol):
+    rank: int
+    size: int
+
+    @property
+    def is_server(self) -> bool: ...
+
+    def clients_of(self, rank: int, num_clients: int) -> list[int]: ...
+
+    def broadcast(self, buf: np.ndarray) -> None: ...
+
+    def gather_rows(self, send: np.ndarray, recv: np.ndarray | None, num_clients: int) -> None: ...
+
+    def wait_quietly(self) -> None: ...
+
+    def first_error(self, message: str | None) -> str | None: ...
+
+    def abort(self, code: int) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+class LocalTransport:
+    """One process: rank 0 is the server and hosts every client; collectives are no-ops."""
+
+    rank = 0
+    size = 1
+    is_server = True
+
+    def clients_of(self, rank: int, num_clients: int) -> list[int]:
+        return client_blocks(num_clients, 1)[rank]
+
+    def broadcast(self, buf: np.ndarray) -> None:
+        return None
+
+    def gather_rows(self, send: np.ndarray, recv: np.ndarray | None, num_clients: int) -> None:
+        if recv is not None and send is not recv:
+            recv[...] = send
+
+    def wait_quietly(self) -> None:
+        return None
+
+    def first_error(self, message: str | None) -> str | None:
+        return message
+
+    def abort(self, code: int) -> None:
+        sys.exit(code)
+
+    def local_rank(self) -> int:
+        return 0
+
+    def describe(self) -> str:
+        return "one process"
+
+
+class MpiTransport:
+    """MPI_COMM_WORLD: rank 0 is the server, ranks 1..P-1 host the clients."""
+
+    def __init__(self) -> None:
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank == 0
+
+    def clients_of(self, rank: int, num_clients: int) -> list[int]:
+        return client_blocks(num_clients, self.size)[rank]
+
+    def wait_quietly(self, max_sleep: float = 0.005) -> None:
+        """An Ibarrier tested with growing sleeps: waiting ranks leave the cores to the working ones."""
+        request = self.comm.Ibarrier()
+        sleep = 1e-4
+        while not request.Test():
+            time.sleep(sleep)
+            sleep = min(sleep * 2, max_sleep)
+
+    def broadcast(self, buf: np.ndarray) -> None:
+        """Bcast of a contiguous buffer from rank 0, in place on the others."""
+        self.comm.Bcast(_contiguous(buf), root=0)
+
+    def gather_rows(self, send: np.ndarray, recv: np.ndarray | None, num_clients: int) -> None:
+        """Gatherv of each rank's (n_local, m) rows into rank 0's (K, m) array, in client-id order."""
+        width = int(np.prod(send.shape[1:])) if send.ndim > 1 else 1
+        counts = [len(b) * width for b in client_blocks(num_clients, self.size)]
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+        mpi_type = self.MPI._typedict[send.dtype.char]
+        recvbuf: Any = [_contiguous(recv), (counts, displs), mpi_type] if self.rank == 0 else None
+        self.comm.Gatherv([_contiguous(send), mpi_type], recvbuf, root=0)
+
+    def first_error(self, message: str | None) -> str | None:
+        """Collective: the first rank's error message if any rank had one (so all ranks stop together)."""
+        messages = self.comm.allgather(message)
+        for rank, msg in enumerate(messages):
+            if msg is not None:
+                return msg if rank == 0 else f"rank {rank}: {msg}"
+        return None
+
+    def abort(self, code: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+    def local_rank(self) -> int:
+        return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
+
+    def cuda_aware(self) -> bool:
+        """Whether the MPI library reports CUDA-aware support (MPIX_Query_cuda_support)."""
+        try:
+            return bool(self.MPI.Query_cuda_support())
+        except (AttributeError, NotImplementedError, self.MPI.Exception):
+            return False
+
+    def describe(self) -> str:
+        return f"MPI, {self.size} ranks ({self.MPI.Get_library_version().splitlines()[0].strip()})"
+
+
+def _contiguous(buf: np.ndarray | None) -> Any:
+    if buf is None:
+        return None
+    if not buf.flags.c_contiguous:
+        raise ValueError("MPI buffers must be C-contiguous")
+    return buf
+
+
+def launched_under_mpi() -> bool:
+    """True when a process manager (mpiexec, srun with PMI) started more than one rank."""
+    if any(os.environ.get(v) for v in MPI_ENV_VARS):
+        size = os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE")
+        return size is None or int(size) > 1
+    ntasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
+    return bool(os.environ.get("SLURM_STEP_ID") and ntasks and int(ntasks) > 1)
+
+
+def make_transport(kind: str = "auto") -> LocalTransport | MpiTransport:
+    """``local``, ``mpi``, or ``auto`` (MPI when launched by a process manager with > 1 rank)."""
+    if kind == "local" or (kind == "auto" and not launched_under_mpi()):
+        return LocalTransport()
+    try:
+        transport = MpiTransport()
+    except ImportError:
+        raise UserError("this job was launched under MPI but mpi4py is not installed; "
+                        "install the extra: pip install 'fdcr_mpi[mpi]'") from None
+    if transport.size == 1:
+        return LocalTransport()
+    return transport
+
+
+def fail_job(transport: LocalTransport | MpiTransport, exc: BaseException, code: int = 1) -> None:
+    """Report an unexpected error of this rank and end the whole job (no rank is left waiting)."""
+    rank = getattr(transport, "rank", 0)
+    where = f"rank {rank}" if transport.size > 1 else "fdcr-mpi"
+    detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    sys.stderr.write(f"{detail}\n{where} failed: {type(exc).__name__}: {exc}\n")
+    transport.abort(code)

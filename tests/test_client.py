@@ -1,0 +1,147 @@
+"""Local training and the Fisher diagonal, checked against plain reference loops."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fdcr_mpi.client import (
+    ClientData,
+    TrainSettings,
+    batch_mean_sq_fisher,
+    batches,
+    empirical_fisher,
+    fisher_samples,
+    local_train,
+)
+from fdcr_mpi.data.datasets import SPECS, model_input
+from fdcr_mpi.data.poison import trigger_mask
+from fdcr_mpi.models import FlatModel, FlatSGD, build_model
+
+SPEC = SPECS["synthetic"]
+
+
+def make_client(n: int = 40, poisoned: bool = False, seed: int = 0) -> ClientData:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    mask = torch.zeros(n, dtype=torch.bool)
+    if poisoned:
+        mask[::2] = True
+        y[mask] = 2
+    return ClientData(x=x, y=y, poisoned=mask, trigger=trigger_mask("paper") if poisoned else None)
+
+
+def test_simple_cnn_has_the_papers_parameter_count() -> None:
+    assert build_model("simple_cnn", 0).size == 92_626
+
+
+def test_flat_model_views_share_one_buffer() -> None:
+    model = build_model("simple_cnn", 0)
+    model.flat.zero_()
+    assert all(bool((p == 0).all()) for p in model.module.parameters())
+    w = torch.randn(model.size)
+    model.load(w)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
+    assert torch.equal(flat, w)
+
+
+def test_flat_sgd_equals_torch_sgd() -> None:
+    model = build_model("simple_cnn", 1)
+    reference = copy.deepcopy(model.module)
+    ours = FlatSGD(model, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    theirs = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        model.zero_grad()
+        F.cross_entropy(model.module(x), y).backward()
+        ours.step()
+        theirs.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        theirs.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
+    assert torch.equal(flat, model.flat)
+
+
+def per_sample_fisher_loop(model: FlatModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Reference: one backward per sample, squared, averaged."""
+    module = copy.deepcopy(model.module).eval()
+    total = [torch.zeros_like(p) for p in module.parameters()]
+    for i in range(len(y)):
+        module.zero_grad()
+        F.cross_entropy(module(x[i:i + 1]), y[i:i + 1]).backward()
+        for acc, p in zip(total, module.parameters()):
+            acc += p.grad.square()
+    return torch.cat([t.reshape(-1) for t in total]) / len(y)
+
+
+@pytest.mark.parametrize("poisoned", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_empirical_fisher_matches_a_per_sample_loop(poisoned: bool, chunk: int | None) -> None:
+    model = build_model("simple_cnn", 3)
+    data = make_client(23, poisoned)
+    idx = torch.arange(len(data))
+    ours = empirical_fisher(model, data, SPEC, idx, chunk)
+    reference = per_sample_fisher_loop(model, data.inputs(idx, SPEC, None), data.y)
+    assert ours.shape == (model.size,)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-9)
+
+
+def test_empirical_fisher_sees_the_trigger_of_poisoned_rows() -> None:
+    model = build_model("simple_cnn", 3)
+    clean, dirty = make_client(20, False), make_client(20, True)
+    idx = torch.arange(20)
+    assert not torch.equal(dirty.inputs(idx, SPEC, None), clean.inputs(idx, SPEC, None))
+    stamped = dirty.inputs(idx, SPEC, None)
+    assert bool((stamped[::2][:, :, 0, 0] == 1.0).all())
+    assert not torch.allclose(empirical_fisher(model, dirty, SPEC, idx), empirical_fisher(model, clean, SPEC, idx))
+
+
+def test_batch_mean_sq_fisher_matches_a_reference() -> None:
+    model = build_model("simple_cnn", 4)
+    data = make_client(30)
+    idx = torch.arange(30)
+    ours = batch_mean_sq_fisher(model, data, SPEC, idx, batch_size=8)
+    module = copy.deepcopy(model.module).eval()
+    grads = []
+    for rows in [idx[i:i + 8] for i in range(0, 30, 8)]:
+        module.zero_grad()
+        F.cross_entropy(module(model_input(data.x[rows])), data.y[rows]).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in module.parameters()]))
+    reference = torch.stack(grads).mean(0).square()
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_max_samples_takes_a_seeded_subset() -> None:
+    data = make_client(50)
+    a = fisher_samples(data, 10, torch.Generator().manual_seed(1))
+    b = fisher_samples(data, 10, torch.Generator().manual_seed(1))
+    assert a.numel() == 10 and torch.equal(a, b)
+    assert fisher_samples(data, None, torch.Generator()).numel() == 50
+
+
+def test_batches_drop_last() -> None:
+    order = torch.arange(10)
+    assert [len(b) for b in batches(10, 4, True, order)] == [4, 4]
+    assert [len(b) for b in batches(10, 4, False, order)] == [4, 4, 2]
+
+
+def test_local_training_is_deterministic_and_learns() -> None:
+    data = make_client(64)
+    settings = TrainSettings(local_epochs=15, lr=0.05, batch_size=16)
+    runs = []
+    for _ in range(2):
+        model = build_model("simple_cnn", 0)
+        start = model.flat.clone()
+        loss = local_train(model, data, SPEC, settings, torch.Generator().manual_seed(5))
+        runs.append((model.flat.clone(), loss))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert not torch.equal(runs[0][0], start)
+    model = build_model("simple_cnn", 0)
+    first = local_train(model, data, SPEC, TrainSettings(local_epochs=1, lr=0.05, batch_size=16),
+                        torch.Generator().manual_seed(5))
+    assert runs[0][1] < first  # the mean loss over 15 epochs is below the first epoch's

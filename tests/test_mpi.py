@@ -1,0 +1,116 @@
+"""Under a real mpiexec (in a subprocess with a timeout): same results however launched, clean aborts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+pytestmark = pytest.mark.mpi
+
+BIN = Path(sys.executable).parent
+MPIEXEC = BIN / "mpiexec"
+FDCR = BIN / "fdcr-mpi"
+# A tiny run: the built-in digits data, 3 rounds, 1 local epoch, one thread per process.
+TINY = ["data.dataset=digits", "rounds=3", "train.local_epochs=1", "runtime.threads=1", "fisher.max_samples=32"]
+
+requires_mpi = pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable} "
+                                  "(install the extra: pip install 'fdcr_mpi[mpi]')")
+
+
+def env() -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("PMI_", "PMIX_", "OMPI_", "SLURM_", "HYDRA_", "MPI_"))}
+    clean["OMP_NUM_THREADS"] = "1"
+    return clean
+
+
+def launch(args: list[str], n: int | None, timeout: float = 300, module: bool = False) -> subprocess.CompletedProcess:
+    """``fdcr-mpi ARGS`` in one process (n None) or under ``mpiexec -n n``."""
+    program = [sys.executable, "-m", "mpi4py", "-m", "fdcr_mpi"] if module else [str(FDCR)]
+    command = program + args if n is None else [str(MPIEXEC), "-n", str(n), *program, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env())
+
+
+def final_sha(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = re.findall(r"final model sha256: ([0-9a-f]{64})", result.stdout)
+    assert len(found) == 1, result.stdout
+    return found[0]
+
+
+@requires_mpi
+@pytest.mark.parametrize("defense", ["fdcr", "fedavg"])
+def test_final_model_is_bitwise_identical_however_launched(tmp_path: Path, defense: str) -> None:
+    args = ["run", *TINY, f"defense.name={defense}", "--quiet"]
+    single = final_sha(launch([*args, "--out", str(tmp_path / "one")], None))
+    with h5py.File(tmp_path / "one" / "run.h5") as f:
+        assert f.attrs["final_sha256"] == single and f.attrs["status"] == "complete"
+        assert f["rounds/A"].shape == (3,)
+    launches = {2: False, 3: True, 4: False, 12: True}  # -n 12: more ranks than the 10 clients
+    for n, module in launches.items():
+        out = tmp_path / f"n{n}"
+        sha = final_sha(launch([*args, "--out", str(out)], n, module=module))
+        assert sha == single, f"mpiexec -n {n} gave a different final model"
+        with h5py.File(out / "run.h5") as f:
+            assert f.attrs["final_sha256"] == single
+
+
+@requires_mpi
+def test_an_exception_in_a_client_rank_aborts_the_job_naming_it(tmp_path: Path) -> None:
+    args = ["run", *TINY, "runtime.fault.kind=raise", "runtime.fault.rank=2", "runtime.fault.round=1",
+            "--out", str(tmp_path / "run")]
+    result = launch(args, 3, timeout=120)
+    assert result.returncode != 0
+    assert "rank 2 failed" in result.stderr and "client" in result.stderr and "round 1" in result.stderr
+    with h5py.File(tmp_path / "run" / "run.h5") as f:  # the rounds before the failure are kept
+        assert f["rounds/round"][:].tolist() == [0]
+
+
+@requires_mpi
+def test_a_config_error_stops_every_rank_with_one_sentence(tmp_path: Path) -> None:
+    result = launch(["run", "data.dataset=digits", "fdcr.clustering=spectral", "--out", str(tmp_path)], 3,
+                    timeout=120, module=True)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and "fdcr.clustering" in lines[0] and "Traceback" not in result.stderr
+
+
+@requires_mpi
+def test_a_data_error_found_after_mpi_start_stops_every_rank(tmp_path: Path) -> None:
+    result = launch(["run", "data.dataset=fmnist", f"data.root={tmp_path / 'nothing'}", "--out",
+                     str(tmp_path / "run")], 3, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Fashion-MNIST was not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_one_process_mode_needs_no_mpi(tmp_path: Path) -> None:
+    code = ("import sys, builtins; real = builtins.__import__\n"
+            "def guard(name, *a, **k):\n"
+            "    assert not name.startswith('mpi4py'), 'mpi4py imported in one-process mode'\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = guard\n"
+            "from fdcr_mpi.cli import main\n"
+            f"sys.exit(main(['run', *{TINY!r}, 'rounds=1', '--quiet', '--out', {str(tmp_path)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env())
+    assert result.returncode == 0, result.stderr
+    assert "final model sha256" in result.stdout
+
+
+def test_only_the_transport_imports_mpi4py() -> None:
+    package = Path(__file__).resolve().parents[1] / "fdcr_mpi"
+    importers = {p.relative_to(package).as_posix() for p in package.rglob("*.py") if "mpi4py" in p.read_text()}
+    assert importers <= {"runtime/transport.py"}, importers
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="no GPU on this machine")
+def test_gpu_placeholder_is_skipped_without_gpu() -> None:  # pragma: no cover - GPU machines only
+    import torch
+
+    assert torch.cuda.is_available()
