@@ -174,8 +174,11 @@ def test_fdcr_matches_hand_computation(options, expect_removed):
     assert res.weights.dtype == np.float32 and res.weights.shape == (6,)
 
 
-def test_fdcr_trainable_mask_keeps_buffers_plain_average():
+@pytest.mark.parametrize("zero_buffer_fisher", [False, True])
+def test_fdcr_trainable_mask_keeps_buffers_plain_average(zero_buffer_fisher):
     w_t, w, fisher, sizes, trainable = make_round(seed=1, buffers=2)
+    if zero_buffer_fisher:
+        fisher[:, 4:] = 0.0  # as the clients send it: buffers have no gradient
     res = aggregate("fdcr", w_t, w, fisher, sizes, lr=LR, trainable=np.array(trainable))
     hand = hand_fdcr(w_t, w, fisher, sizes, LR, trainable=trainable)
     check_against_hand(res, hand, REMOVED)

@@ -107,21 +107,25 @@ def gram(rows: torch.Tensor) -> np.ndarray:
 
 
 def pairwise_distances(rows: torch.Tensor, metric: str = "sqeuclidean") -> np.ndarray:
-    """(K, K) float64: ``sqeuclidean`` sum_v (u_iv - u_jv)^2, ``euclidean`` its root,
-    ``manhattan`` sum_v |u_iv - u_jv|; computed from differences (no Gram cancellation)."""
-    if metric not in ("sqeuclidean", "euclidean", "manhattan"):
+    """(K, K) float64: ``sqeuclidean`` sum_v (u_iv - u_jv)^2 (from the float64 Gram matrix),
+    ``euclidean`` its root, ``manhattan`` sum_v |u_iv - u_jv|."""
+    if metric in ("sqeuclidean", "euclidean"):
+        g = gram(rows)
+        sq = np.diag(g)
+        out = np.clip(sq[:, None] + sq[None, :] - 2.0 * g, 0.0, None)
+        out = (out + out.T) / 2  # exact symmetry
+        np.fill_diagonal(out, 0.0)
+        return np.sqrt(out) if metric == "euclidean" else out
+    if metric != "manhattan":
         raise ValueError(f"unknown metric {metric!r}")
     k = rows.shape[0]
-    out = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
+    out_t = torch.zeros(k, k, dtype=torch.float64, device=rows.device)
     for sl in column_chunks(rows.shape[1]):
         block = rows[:, sl].to(torch.float64)
-        for i in range(k):
-            diff = block - block[i]
-            out[i] += diff.abs().sum(dim=1) if metric == "manhattan" else diff.square().sum(dim=1)
-    out = out.cpu().numpy()
-    out = (out + out.T) / 2  # exact symmetry
-    np.fill_diagonal(out, 0.0)
-    return np.sqrt(out) if metric == "euclidean" else out
+        for i in range(k - 1):
+            out_t[i, i + 1:] += (block[i + 1:] - block[i]).abs().sum(dim=1)
+    upper = out_t.cpu().numpy()
+    return upper + upper.T
 
 
 def distances_to(rows: torch.Tensor, point: torch.Tensor) -> np.ndarray:

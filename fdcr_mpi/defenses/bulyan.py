@@ -7,9 +7,9 @@
 
 Bulyan needs n >= 4f + 3. The default f = floor((n - 3) / 4) is the largest valid one
 (f = 1 for n = 10: theta = 8, beta = 6); a configured f is clamped to that bound, and to
-0 when n < 7 (then Bulyan is the plain mean). The authors' benchmark passes a negative
-f (their f - k), which we do not reproduce. alpha_hat_k: the fraction of kept values from
-client k; clients not selected by Krum are removed.
+0 when n < 7 (then Bulyan is the plain mean). The authors' benchmark also ends up with
+f = 1 for 10 clients (its n // 2 - (n - n // 2 - 1)). alpha_hat_k: the fraction of kept
+values from client k; clients not selected by Krum are removed.
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ class Fdcr(Defense):
             num_clusters = 0
 
         trainable = None if inputs.trainable is None else inputs.trainable.to(torch.bool)
-        weights = new_global_model(alpha_hat, w_t, w, imp if opt.use_importance else None, trainable)  # Eq. 12
+        weights = new_global_model(alpha_hat, w_t, w, imp if opt.fpra else None, trainable)  # Eq. 12
 
         if imp is not None:
             imp_sum = np.array([float(np.sum(imp[k].cpu().numpy(), dtype=np.float64)) for k in range(num_clients)])

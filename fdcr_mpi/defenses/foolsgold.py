@@ -75,12 +75,12 @@ class FoolsGold(Defense):
 
     def aggregate(self, inputs: RoundInputs) -> RoundResult:
         updates = trainable_updates(inputs)
-        step_rows = updates
+        history_rows = updates
         if self.options.normalize:
             norms = distances_to(updates, torch.zeros(updates.shape[1], device=updates.device))
             scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-            step_rows = updates * torch.as_tensor(scale, dtype=torch.float32, device=updates.device).unsqueeze(1)
-        current = step_rows.detach().cpu().numpy().astype(np.float32)
+            history_rows = updates * torch.as_tensor(scale, dtype=torch.float32, device=updates.device).unsqueeze(1)
+        current = history_rows.detach().cpu().numpy().astype(np.float32)
         if self.history is not None and self.history.shape != current.shape:
             raise UserError(f"FoolsGold history has shape {self.history.shape}, this round's updates "
                             f"{current.shape}: the clients or the model changed")
