@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true", help="discard an existing run in --out and start over")
     run.add_argument("--transport", choices=("auto", "local", "mpi"), default="auto")
     run.add_argument("--quiet", action="store_true", help="print only the final sha256")
+    run.add_argument("--sweep", type=Path, help="run one run of this sweep file (with --index)")
+    run.add_argument("--index", type=int, help="the run's index in the sweep (e.g. $SLURM_ARRAY_TASK_ID)")
 
     resume = sub.add_parser("resume", help="resume the run in DIR from its last checkpoint")
     resume.add_argument("dir", type=Path)
@@ -52,6 +54,10 @@ def parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list defenses, datasets or models")
     lst.add_argument("what", choices=("defenses", "datasets", "models"))
+
+    from fdcr_mpi.cli_sweep import register
+
+    register(sub)
     return p
 
 
@@ -67,6 +73,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fdcr_mpi.runtime.run import execute
 
     path, overrides = split_items(args.items)
+    if args.sweep is not None or args.index is not None:
+        from fdcr_mpi.cli_sweep import sweep_run
+
+        if args.sweep is None or args.index is None:
+            raise UserError("--sweep and --index go together: fdcr-mpi run --sweep FILE --index I")
+        path, sweep_overrides, sweep_out = sweep_run(args.sweep, args.index)
+        overrides = [*sweep_overrides, *overrides]
+        args.out = args.out or sweep_out
     if args.data_root:
         overrides = [*overrides, f"data.root={args.data_root}"]
     config = load_config(path, overrides)
@@ -121,11 +135,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "resume": cmd_resume, "inspect": cmd_inspect, "list": cmd_list}
 
 
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command in COMMANDS:
+        return COMMANDS[args.command](args)
+    return args.handler(args)  # commands registered by fdcr_mpi.cli_sweep
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*pynndescent.*")
     args = parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return dispatch(args)
     except UserError as exc:
         if env_rank() == 0:
             print(f"fdcr-mpi: error: {exc}", file=sys.stderr, flush=True)

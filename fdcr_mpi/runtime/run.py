@@ -8,6 +8,7 @@ setup, an unexpected error in any rank aborts the whole job (``fail_job``).
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ class Recorder:
         self.out, self.config, self.exp, self.quiet = out, config, exp, quiet
         self.hash = config_hash(config)
         self.run_file: RunFile | None = None
+        self.stop = None  # the server's StopFlag: a stop request forces a checkpoint
         self.started = time.perf_counter()
         self.rounds_timed = 0
 
@@ -73,7 +75,8 @@ class Recorder:
         self.run_file.append_round(row)
         if rt.save_weights_every and (t + 1) % rt.save_weights_every == 0:
             self.run_file.save_global_weights(t, flat)
-        if (t + 1) % rt.checkpoint_every == 0 or t + 1 == self.config.rounds:
+        stopping = self.stop is not None and self.stop.signum is not None
+        if (t + 1) % rt.checkpoint_every == 0 or t + 1 == self.config.rounds or stopping:
             write_checkpoint(self.out, round=t, config_hash=self.hash, weights=flat,
                              rng_state={}, defense_state=defense.state_dict(), keep=rt.keep_checkpoints)
         now = time.perf_counter()
@@ -94,7 +97,8 @@ class Recorder:
 
     def finish(self, weights: torch.Tensor, status: str) -> str:
         digest = weights_sha256(weights)
-        self.run_file.set_attr("final_sha256", digest)
+        if status == "complete":
+            self.run_file.set_attr("final_sha256", digest)
         self.run_file.set_status(status)
         self.run_file.close()
         return digest
@@ -139,6 +143,7 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
         raise UserError(setup_error)
 
     if not transport.is_server:
+        ignore_stop_signals()  # the server decides when to stop and tells every rank
         try:
             worker_loop(transport, runner, config.data.num_clients)
         except BaseException as exc:  # noqa: BLE001 - any failure must end the whole job
@@ -162,12 +167,14 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
                   f"{config.rounds} rounds, {transport.describe()}, device {device}"
                   + (f", resuming at round {start + 1}" if start else ""), flush=True)
         server.stop.install()
+        recorder.stop = server.stop
         weights = server.run(start, weights)
-        done = recorder.run_file.rounds_done() >= config.rounds
+        rounds_done = recorder.run_file.rounds_done()
+        done = rounds_done >= config.rounds
         digest = recorder.finish(weights, "complete" if done else "preempted")
         if not done:
             raise Preempted(f"stopped by signal {server.stop.signum} after round "
-                            f"{recorder.run_file.rounds_done()}; resume with: fdcr-mpi resume {out}")
+                            f"{rounds_done}; resume with: fdcr-mpi resume {out}")
         print_final(out / RUN_FILE, config, digest, quiet)
         return 0
     except (UserError, Preempted):
@@ -179,6 +186,12 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
     finally:
         if lock is not None:
             lock.release()
+
+
+def ignore_stop_signals() -> None:
+    """Client ranks let SIGTERM/SIGUSR1 pass: SLURM signals every task, the server coordinates the stop."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _ranks_on_node(transport) -> int:

@@ -1,0 +1,619 @@
+"""Sweeps: one YAML file, many runs; run them here (``sweep local``) or as a SLURM job array.
+
+A sweep file names a base config, fixed overrides and axes to cross (docs/SWEEPS.md)::
+
+    name: small                     # job name; default out root runs/sweeps/<name>
+    base: ../quickstart.yaml        # optional config file, relative to the sweep file
+    out: runs/sweeps/small          # optional out root, relative to the working directory
+    overrides: {rounds: 3}          # fixed dotted overrides (nested mappings are flattened)
+    axes:                           # dotted key -> values, crossed in file order (last fastest)
+      defense.name: [fedavg, fdcr]
+      seed: [0, 1]
+    exclude:                        # drop each run that matches every key of an entry
+      - {defense.name: fedavg, seed: 1}
+    labels: {seed: s}               # name parts are <label><value>; default label: last key part
+    slurm: {ranks: 3, time: "01:00:00", throttle: 8}
+
+Run ``i`` of the expansion has a readable name (``fdcr_s0``), its overrides and its own run
+directory ``<out root>/<name>``; ``fdcr-mpi run --sweep FILE --index i`` runs it, so a SLURM
+array task needs nothing but ``$SLURM_ARRAY_TASK_ID``. A run whose run file says ``complete``
+is skipped; any other is resumed from its checkpoint by running it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from fdcr_mpi.errors import UserError, describe_validation_error
+
+RUN_FILE = "run.h5"
+FINGERPRINT_ENV = "FDCR_SWEEP_FINGERPRINT"  # set by the runners: refuse a sweep file edited since
+ROOT_ENV = "FDCR_SWEEP_ROOT"  # set by the runners: the out root they were given
+TEMPLATE = Path(__file__).resolve().parents[1] / "jobs" / "sweep.sbatch.tmpl"
+Scalar = str | int | float | bool | None
+_LAUNCHER_ENV_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "HYDI_", "HYDRA_", "MPI_", "SLURM_STEP_")
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+class _Strict(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+
+class SlurmOptions(_Strict):
+    """Defaults for ``fdcr-mpi sweep slurm`` (each one can be overridden on the command line)."""
+
+    ranks: int = pydantic.Field(3, ge=1)
+    cpus_per_task: int = pydantic.Field(1, ge=1)
+    gpus: int = pydantic.Field(0, ge=0)
+    time: str = "02:00:00"
+    throttle: int = pydantic.Field(8, ge=1)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    mem: str | None = None
+    mpi: str = "pmi2"
+    signal_seconds: int = pydantic.Field(120, ge=1)
+    extra: list[str] = []
+
+
+class SweepSpec(_Strict):
+    """A sweep file as written (see the module docstring)."""
+
+    name: str = pydantic.Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    base: str | None = None
+    out: str | None = None
+    overrides: dict[str, Any] = {}
+    axes: dict[str, list[Scalar]] = {}
+    exclude: list[dict[str, Scalar | list[Scalar]]] = []
+    labels: dict[str, str] = {}
+    slurm: SlurmOptions = SlurmOptions()
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a sweep."""
+
+    index: int
+    name: str
+    values: dict[str, Scalar]  # this run's value on each axis
+    overrides: tuple[str, ...]  # fixed overrides, then the axis values, as key=value
+    out: Path
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A loaded sweep file and its runs, in index order."""
+
+    path: Path
+    spec: SweepSpec
+    base: Path | None
+    root: Path
+    runs: tuple[Run, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def run(self, index: int) -> Run:
+        """Run ``index``; a UserError naming the valid range otherwise."""
+        if not 0 <= index < len(self.runs):
+            raise UserError(f"--index {index} is out of range: {self.path} has {len(self.runs)} runs, "
+                            f"indices 0 to {len(self.runs) - 1}")
+        return self.runs[index]
+
+    def fingerprint(self) -> str:
+        """A hash of what each index means (base, name, overrides): a changed file changes it."""
+        data = [str(self.base), *[[r.name, *r.overrides] for r in self.runs]]
+        return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def format_value(value: Any) -> str:
+    """A value as the right-hand side of a dotted override that parses back to the same value."""
+    if isinstance(value, str):
+        plain = bool(value) and not re.search(r"[\s,\[\]{}'\"=#:]", value)
+        if plain and yaml.safe_load(value) == value:
+            return value
+        return "'" + value.replace("'", "''") + "'"
+    return json.dumps(value)
+
+
+def _label(key: str, labels: Mapping[str, str]) -> str:
+    """The name prefix of an axis: the sweep's label, else none for names/datasets, else the last part."""
+    if key in labels:
+        return labels[key]
+    parts = key.split(".")
+    return "" if parts[-1] in ("name", "dataset") else parts[-1]
+
+
+def run_name(values: Mapping[str, Scalar], labels: Mapping[str, str]) -> str:
+    """A readable, file-system safe name: <label><value> per axis, joined by '_'."""
+    parts = [_label(key, labels) + _NAME_CHARS.sub("-", str(value)) for key, value in values.items()]
+    return "_".join(parts) or "run"
+
+
+def _matches(values: Mapping[str, Scalar], rule: Mapping[str, Any]) -> bool:
+    for key, wanted in rule.items():
+        choices = wanted if isinstance(wanted, list) else [wanted]
+        if not any(_same(values[key], c) for c in choices):
+            return False
+    return True
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that tells True from 1 (YAML gives both)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
+def _check_spec(spec: SweepSpec, path: Path) -> dict[str, Any]:
+    """Cross-field checks; returns the flattened fixed overrides."""
+    fixed = flatten(spec.overrides)
+    for key, values in spec.axes.items():
+        if not values:
+            raise UserError(f"axis '{key}' of {path} has no values")
+        if key in fixed:
+            raise UserError(f"'{key}' is both a fixed override and an axis in {path}")
+        if len({json.dumps(v) for v in values}) != len(values):
+            raise UserError(f"axis '{key}' of {path} lists a value twice")
+    for rule in spec.exclude:
+        unknown = [k for k in rule if k not in spec.axes]
+        if not rule or unknown:
+            raise UserError(f"exclusion {rule} of {path} must name axes only (axes: {', '.join(spec.axes)})")
+    return fixed
+
+
+def expand(spec: SweepSpec, path: Path, root: Path) -> tuple[Run, ...]:
+    """Every run of the cross product, in stable order, minus the exclusions."""
+    fixed = _check_spec(spec, path)
+    base = [f"{k}={format_value(v)}" for k, v in fixed.items()]
+    keys = list(spec.axes)
+    runs: list[Run] = []
+    seen: dict[str, dict[str, Scalar]] = {}
+    for combo in itertools.product(*spec.axes.values()):
+        values = dict(zip(keys, combo))
+        if any(_matches(values, rule) for rule in spec.exclude):
+            continue
+        name = run_name(values, spec.labels)
+        if name in seen:
+            raise UserError(f"runs {seen[name]} and {values} of {path} get the same name {name!r}; "
+                            "give the axes distinct labels")
+        seen[name] = values
+        overrides = (*base, *[f"{k}={format_value(v)}" for k, v in values.items()])
+        runs.append(Run(len(runs), name, values, overrides, root / name))
+    if not runs:
+        raise UserError(f"{path} excludes every run")
+    return tuple(runs)
+
+
+def _read_spec(path: Path) -> SweepSpec:
+    if not path.is_file():
+        raise UserError(f"sweep file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"sweep file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"sweep file {path} must be a mapping (name:, base:, overrides:, axes:, ...)")
+    try:
+        return SweepSpec.model_validate(data)
+    except pydantic.ValidationError as exc:
+        message = describe_validation_error(exc).replace("config key", "sweep key")
+        raise UserError(f"{path}: {message}") from None
+
+
+def load_sweep(path: str | Path, out_root: str | Path | None = None) -> Sweep:
+    """Read, check and expand a sweep file (the runs' configs are not validated here)."""
+    path = Path(path).resolve()
+    spec = _read_spec(path)
+    base = (path.parent / spec.base).resolve() if spec.base else None
+    if base is not None and not base.is_file():
+        raise UserError(f"the base config {spec.base} of {path} does not exist ({base})")
+    root = Path(out_root or spec.out or Path("runs") / "sweeps" / spec.name).absolute()
+    return Sweep(path, spec, base, root, expand(spec, path, root))
+
+
+# ----------------------------------------------------------------------------- state of the runs
+
+
+def run_config(sweep: Sweep, run: Run) -> Any:
+    """The run's validated config; a UserError naming the run otherwise."""
+    from fdcr_mpi.config import load_config
+
+    try:
+        return load_config(sweep.base, list(run.overrides))
+    except UserError as exc:
+        raise UserError(f"run {run.index} ({run.name}) of {sweep.path}: {exc}") from None
+
+
+def stored_state(out: Path) -> tuple[str, str | None]:
+    """(status, config hash) of the run file in ``out``: status 'todo' when there is none."""
+    from fdcr_mpi.checkpoint import open_h5
+
+    path = out / RUN_FILE
+    if not path.is_file():
+        return "todo", None
+    try:
+        with open_h5(path, "r") as f:
+            status, stored = f.attrs.get("status", "running"), f.attrs.get("config_hash")
+    except OSError:
+        return "unreadable", None
+    decode = (lambda v: v.decode() if isinstance(v, bytes) else v)
+    return str(decode(status)), None if stored is None else str(decode(stored))
+
+
+def states(sweep: Sweep) -> list[str]:
+    """Each run's state: todo, running, preempted, failed, complete, unreadable or other-config.
+
+    Validates every run's config on the way (a bad value stops here, before any job starts).
+    """
+    from fdcr_mpi.config import config_hash
+
+    result = []
+    for run in sweep.runs:
+        expected = config_hash(run_config(sweep, run))
+        status, stored = stored_state(run.out)
+        result.append("other-config" if stored is not None and stored != expected else status)
+    return result
+
+
+def check_no_conflicts(sweep: Sweep, run_states: Sequence[str]) -> None:
+    """A run directory holding a run of another config cannot be resumed: stop before starting."""
+    bad = [r for r, s in zip(sweep.runs, run_states) if s == "other-config"]
+    if bad:
+        raise UserError(f"{len(bad)} run directories hold a run of another config (first: {bad[0].out}); "
+                        "the sweep file changed since they ran: move them away or use another out root")
+
+
+def pending(sweep: Sweep, run_states: Sequence[str]) -> list[Run]:
+    """The runs still to do (anything not complete), in index order."""
+    return [r for r, s in zip(sweep.runs, run_states) if s != "complete"]
+
+
+def format_plan(sweep: Sweep, run_states: Sequence[str]) -> str:
+    """The plan as aligned text: index, state, name, run directory; then a one-line summary."""
+    width = max(len(r.name) for r in sweep.runs)
+    lines = [f"{'INDEX':>5}  {'STATE':<12}  {'NAME':<{width}}  OUT"]
+    for run, state in zip(sweep.runs, run_states):
+        lines.append(f"{run.index:>5}  {state:<12}  {run.name:<{width}}  {run.out}")
+    done = sum(s == "complete" for s in run_states)
+    lines.append(f"{len(sweep.runs)} runs in {sweep.path.name} (axes: {', '.join(sweep.spec.axes) or 'none'}): "
+                 f"{done} complete, {len(sweep.runs) - done} to do; out root {sweep.root}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- local runner
+
+
+@dataclass
+class Outcome:
+    run: Run
+    code: int
+    seconds: float
+    log: Path
+
+
+def child_env(sweep: Sweep, threads: int) -> dict[str, str]:
+    """The environment of a run started here: no launcher variables of ours, one thread count."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV_PREFIXES)}
+    env.update({FINGERPRINT_ENV: sweep.fingerprint(), ROOT_ENV: str(sweep.root), "OMP_NUM_THREADS": str(threads),
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def run_command(sweep: Sweep, run: Run, *, ranks: int = 1, threads: int | None = None,
+                data_root: str | None = None) -> list[str]:
+    """``python -m fdcr_mpi run --sweep FILE --index I``, under ``mpiexec -n ranks`` when ranks > 1."""
+    command = [sys.executable, "-m", "fdcr_mpi", "run", "--sweep", str(sweep.path), "--index", str(run.index)]
+    if threads is not None and "runtime.threads" not in flatten(sweep.spec.overrides):
+        command.append(f"runtime.threads={threads}")
+    if data_root:
+        command += ["--data-root", data_root]
+    if ranks > 1:
+        mpiexec = Path(sys.executable).parent / "mpiexec"
+        launcher = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
+        if launcher is None:
+            raise UserError("--ranks > 1 needs mpiexec (install the extra: pip install 'fdcr_mpi[mpi]')")
+        command = [launcher, "-n", str(ranks), *command]
+    return command
+
+
+def threads_per_process(jobs: int, ranks: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, jobs * ranks))
+
+
+class LocalRunner:
+    """Runs the pending runs of a sweep as subprocesses, ``jobs`` at a time."""
+
+    def __init__(self, sweep: Sweep, runs: Sequence[Run], *, jobs: int, ranks: int = 1,
+                 data_root: str | None = None, poll: float = 0.2) -> None:
+        self.sweep, self.todo, self.jobs, self.ranks = sweep, list(runs), jobs, ranks
+        self.data_root, self.poll = data_root, poll
+        self.threads = threads_per_process(jobs, ranks)
+        self.logs = sweep.root / "logs"
+        self.active: dict[int, tuple[Run, subprocess.Popen, float, Any]] = {}
+        self.outcomes: list[Outcome] = []
+
+    def start(self, run: Run) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{run.name}.log", "ab")  # noqa: SIM115 - closed in reap()
+        command = run_command(self.sweep, run, ranks=self.ranks, threads=self.threads, data_root=self.data_root)
+        log.write(f"$ {shlex.join(command)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=child_env(self.sweep, self.threads), start_new_session=True)
+        self.active[proc.pid] = (run, proc, time.monotonic(), log)
+
+    def reap(self) -> list[Outcome]:
+        """The runs that ended since the last call."""
+        ended = []
+        for pid, (run, proc, started, log) in list(self.active.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            log.close()
+            del self.active[pid]
+            ended.append(Outcome(run, code, time.monotonic() - started, self.logs / f"{run.name}.log"))
+        self.outcomes += ended
+        return ended
+
+    def step(self) -> list[Outcome]:
+        """Fill the free slots, wait one poll interval, return what ended."""
+        while self.todo and len(self.active) < self.jobs:
+            self.start(self.todo.pop(0))
+        time.sleep(self.poll)
+        return self.reap()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.todo or self.active)
+
+    def stop(self, grace: float = 60.0) -> None:
+        """SIGTERM every live run (each checkpoints and exits 75), then SIGKILL after ``grace``."""
+        self.todo.clear()
+        for _, proc, _, _ in self.active.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, proc, _, _ in self.active.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=10)
+        self.reap()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the child leads its own session (start_new_session)
+    except ProcessLookupError:
+        pass
+
+
+def run_local(sweep: Sweep, *, jobs: int, ranks: int = 1, data_root: str | None = None,
+              console: Any = None) -> int:
+    """Run every unfinished run of the sweep, ``jobs`` at a time, with a progress bar.
+
+    Returns 0 when all runs are complete, 1 when any failed (each failure listed with its
+    exit code and log), 130 on Ctrl-C (the live runs are stopped at a checkpoint).
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    run_states = states(sweep)
+    check_no_conflicts(sweep, run_states)
+    todo = pending(sweep, run_states)
+    total, done = len(sweep.runs), len(sweep.runs) - len(todo)
+    console.print(f"sweep {sweep.name}: {total} runs, {done} already complete, {len(todo)} to run, "
+                  f"{jobs} at a time; logs in {sweep.root / 'logs'}")
+    if not todo:
+        return 0
+    runner = LocalRunner(sweep, todo, jobs=jobs, ranks=ranks, data_root=data_root)
+    try:
+        _drive(runner, console, total, done)
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping the live runs at their next checkpoint")
+        runner.stop()
+        return 130
+    return report_outcomes(runner.outcomes, console)
+
+
+def _progress(console: Any) -> Any:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TextColumn("runs"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), TextColumn("{task.fields[live]}"), console=console)
+
+
+def _drive(runner: LocalRunner, console: Any, total: int, done: int) -> None:
+    with _progress(console) as progress:
+        task = progress.add_task(runner.sweep.name, total=total, completed=done, live="")
+        while runner.busy:
+            for outcome in runner.step():
+                mark = "done" if outcome.code == 0 else f"[red]failed (exit {outcome.code})[/red]"
+                progress.console.print(f"  [{outcome.run.index}] {outcome.run.name}: {mark} "
+                                       f"in {outcome.seconds:.0f} s")
+                progress.advance(task)
+            names = ", ".join(run.name for run, *_ in runner.active.values())
+            progress.update(task, live=f"running: {names}" if names else "")
+
+
+def report_outcomes(outcomes: Sequence[Outcome], console: Any) -> int:
+    """Print the failures (exit code, log) at the end; 0 when there are none."""
+    failed = [o for o in outcomes if o.code != 0]
+    if not failed:
+        console.print(f"all {len(outcomes)} runs finished")
+        return 0
+    console.print(f"[red]{len(failed)} of {len(outcomes)} runs failed:[/red]")
+    for o in sorted(failed, key=lambda o: o.run.index):
+        why = "preempted, resumable" if o.code == 75 else "user error" if o.code == 2 else "error"
+        console.print(f"  [{o.run.index}] {o.run.name}: exit code {o.code} ({why}); log {o.log}")
+    return 1
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+
+def array_ranges(indices: Iterable[int]) -> str:
+    """Sorted indices as a SLURM array list: [0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    values = sorted(set(indices))
+    parts = []
+    for _, group in itertools.groupby(enumerate(values), key=lambda p: p[1] - p[0]):
+        block = [v for _, v in group]
+        parts.append(str(block[0]) if len(block) == 1 else f"{block[0]}-{block[-1]}")
+    return ",".join(parts)
+
+
+def job_name(sweep: Sweep) -> str:
+    return f"fdcr-{sweep.name}"
+
+
+def _directives(options: SlurmOptions) -> list[str]:
+    lines = []
+    for flag, value in (("partition", options.partition), ("account", options.account),
+                        ("qos", options.qos), ("mem", options.mem)):
+        if value:
+            lines.append(f"--{flag}={value}")
+    if options.gpus:
+        lines += ["--nodes=1", f"--gres=gpu:{options.gpus}"]
+    lines += options.extra
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def render_script(sweep: Sweep, indices: Sequence[int], options: SlurmOptions, *,
+                  data_root: str | None = None, template: Path = TEMPLATE, workdir: Path | None = None) -> str:
+    """The sbatch script for the array of ``indices`` from the template in jobs/."""
+    if not template.is_file():
+        raise UserError(f"the job template {template} does not exist (pass --template)")
+    run_args = ""
+    if "runtime.threads" not in flatten(sweep.spec.overrides):
+        run_args += ' runtime.threads="${SLURM_CPUS_PER_TASK:-1}"'
+    if data_root:
+        run_args += f" --data-root {shlex.quote(str(Path(data_root).absolute()))}"
+    values = {
+        "sweep_name": sweep.name,
+        "job_name": job_name(sweep),
+        "array": f"{array_ranges(indices)}%{options.throttle}",
+        "count": str(len(indices)),
+        "ranks": str(options.ranks),
+        "cpus_per_task": str(options.cpus_per_task),
+        "time": options.time,
+        "signal_seconds": str(options.signal_seconds),
+        "log_dir": str(sweep.root / "slurm"),
+        "workdir": str((workdir or Path.cwd()).absolute()),
+        "directives": "\n".join(_directives(options)),
+        "fingerprint": sweep.fingerprint(),
+        "fingerprint_env": FINGERPRINT_ENV,
+        "root_env": ROOT_ENV,
+        "root": shlex.quote(str(sweep.root)),
+        "mpi": options.mpi,
+        "python": shlex.quote(sys.executable),
+        "sweep_file": shlex.quote(str(sweep.path)),
+        "run_args": run_args,
+    }
+    try:
+        return string.Template(template.read_text()).substitute(values)
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"the job template {template} has an unknown or bad placeholder: {exc}") from None
+
+
+def queued_indices(sweep: Sweep) -> set[int]:
+    """Array indices of this sweep's job name that SLURM still has pending or running (empty if unknown)."""
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        return set()
+    try:
+        result = subprocess.run([squeue, "-h", "-r", "-n", job_name(sweep), "-t", "PENDING,RUNNING,REQUEUED",
+                                 "-o", "%K"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    if result.returncode != 0:
+        return set()
+    return {int(line) for line in result.stdout.split() if line.isdigit()}
+
+
+def submit(script: Path) -> str:
+    """``sbatch --parsable SCRIPT``; returns the job id."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise UserError(f"sbatch is not on PATH (is this a SLURM login node?); the script is {script}")
+    try:
+        result = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise UserError("sbatch did not answer within 60 s; is slurmctld up?") from None
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"sbatch refused {script}: {reason}")
+    return result.stdout.strip().split(";")[0]
+
+
+def slurm_options(sweep: Sweep, **overrides: Any) -> SlurmOptions:
+    """The sweep file's slurm section with the command line's non-None values on top."""
+    update = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return SlurmOptions.model_validate({**sweep.spec.slurm.model_dump(), **update})
+    except pydantic.ValidationError as exc:
+        raise UserError(describe_validation_error(exc, "slurm").replace("config key", "option")) from None
+
+
+def write_job(sweep: Sweep, options: SlurmOptions, *, script: Path | None = None, data_root: str | None = None,
+              template: Path = TEMPLATE, skip_queued: bool = False) -> tuple[Path | None, list[Run], str]:
+    """Write the array script for the runs still to do; (script or None, its runs, a message)."""
+    run_states = states(sweep)
+    check_no_conflicts(sweep, run_states)
+    todo = pending(sweep, run_states)
+    queued = queued_indices(sweep) if skip_queued else set()
+    todo = [r for r in todo if r.index not in queued]
+    done = len(sweep.runs) - len(pending(sweep, run_states))
+    summary = f"{len(sweep.runs)} runs: {done} complete"
+    if queued:
+        summary += f", {len(queued)} already queued or running"
+    if not todo:
+        return None, [], f"{summary}; nothing to submit"
+    script = script or sweep.root / "slurm" / f"{sweep.name}.sbatch"
+    text = render_script(sweep, [r.index for r in todo], options, data_root=data_root, template=template)
+    script.parent.mkdir(parents=True, exist_ok=True)
+    (sweep.root / "slurm").mkdir(parents=True, exist_ok=True)
+    script.write_text(text)
+    script.chmod(0o755)
+    return script, todo, f"{summary}, {len(todo)} to run: wrote {script} (array {array_ranges(r.index for r in todo)})"
