@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from fdcr_mpi import fisher_layers
 from fdcr_mpi.data.datasets import DatasetSpec, augment, model_input
 from fdcr_mpi.data.poison import apply_trigger
 from fdcr_mpi.models import FlatModel, FlatSGD
@@ -101,13 +102,19 @@ def default_chunk(num_params: int, budget_bytes: int = 1 << 28) -> int:
 
 
 def empirical_fisher(model: FlatModel, data: ClientData, spec: DatasetSpec, idx: torch.Tensor,
-                     chunk_size: int | None = None) -> torch.Tensor:
-    """Eq. 5: F = (1/n) sum_i (d log p(y_i | x_i, w) / d w)^2, per-sample gradients by vmap(grad).
+                     chunk_size: int | None = None, backend: str = "layers") -> torch.Tensor:
+    """Eq. 5: F = (1/n) sum_i (d log p(y_i | x_i, w) / d w)^2, over chunks of samples.
 
-    Returns a (D,) vector: the trainable entries hold F, buffer entries are 0.
+    ``backend="layers"`` sums the squared per-sample gradients in closed form per layer
+    (``fdcr_mpi.fisher_layers``, one backward per chunk); ``"vmap"`` materialises them with
+    ``torch.func.vmap(grad(...))``. Both give the same F; "layers" falls back to "vmap" for
+    models with other parametrised layers. Returns a (D,) vector: the trainable entries hold F,
+    buffer entries are 0.
     """
     module = model.module
     module.eval()
+    if backend == "layers" and fisher_layers.supports(module):
+        return _layer_fisher(model, data, spec, idx, chunk_size or 256)
     params = {k: v.detach() for k, v in module.named_parameters()}
     buffers = {k: v.detach() for k, v in module.named_buffers()}
 
@@ -127,6 +134,21 @@ def empirical_fisher(model: FlatModel, data: ClientData, spec: DatasetSpec, idx:
             g = grads[name].reshape(rows.numel(), -1)
             acc[offset:offset + g.shape[1]] += g.square().sum(dim=0)
             offset += g.shape[1]
+    return fisher.div_(max(idx.numel(), 1))
+
+
+def _layer_fisher(model: FlatModel, data: ClientData, spec: DatasetSpec, idx: torch.Tensor,
+                  chunk: int) -> torch.Tensor:
+    fisher = torch.zeros(model.size, dtype=torch.float32, device=model.flat.device)
+    names = [name for name, _ in model.module.named_parameters()]
+    for start in range(0, idx.numel(), chunk):
+        rows = idx[start:start + chunk]
+        squares = fisher_layers.sum_squared_grads(model.module, data.inputs(rows, spec, None), data.y[rows])
+        offset = 0
+        for name in names:
+            sq = squares[name].reshape(-1)
+            fisher[offset:offset + sq.numel()] += sq
+            offset += sq.numel()
     return fisher.div_(max(idx.numel(), 1))
 
 

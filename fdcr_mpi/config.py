@@ -73,6 +73,7 @@ class FisherConfig(Section):
     estimator: Literal["empirical", "batch_mean_sq"] = "empirical"
     max_samples: int | None = pydantic.Field(None, ge=1)
     chunk_size: int | None = pydantic.Field(None, ge=1)
+    backend: Literal["layers", "vmap"] = "layers"  # how per-sample gradients are summed (same F)
 
 
 class ModelConfig(Section):

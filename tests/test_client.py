@@ -79,13 +79,14 @@ def per_sample_fisher_loop(model: FlatModel, x: torch.Tensor, y: torch.Tensor) -
     return torch.cat([t.reshape(-1) for t in total]) / len(y)
 
 
+@pytest.mark.parametrize("backend", ["layers", "vmap"])
 @pytest.mark.parametrize("poisoned", [False, True])
 @pytest.mark.parametrize("chunk", [1, 7, None])
-def test_empirical_fisher_matches_a_per_sample_loop(poisoned: bool, chunk: int | None) -> None:
+def test_empirical_fisher_matches_a_per_sample_loop(poisoned: bool, chunk: int | None, backend: str) -> None:
     model = build_model("simple_cnn", 3)
     data = make_client(23, poisoned)
     idx = torch.arange(len(data))
-    ours = empirical_fisher(model, data, SPEC, idx, chunk)
+    ours = empirical_fisher(model, data, SPEC, idx, chunk, backend)
     reference = per_sample_fisher_loop(model, data.inputs(idx, SPEC, None), data.y)
     assert ours.shape == (model.size,)
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-9)
@@ -145,3 +146,21 @@ def test_local_training_is_deterministic_and_learns() -> None:
     first = local_train(model, data, SPEC, TrainSettings(local_epochs=1, lr=0.05, batch_size=16),
                         torch.Generator().manual_seed(5))
     assert runs[0][1] < first  # the mean loss over 15 epochs is below the first epoch's
+
+
+def test_layer_fisher_matches_the_loop_with_batchnorm_and_strides() -> None:
+    """ResNet-style layers: strided and padded convolutions, BatchNorm in eval mode, no-bias convs."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 5, 3, padding=1), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(20, 10))
+    module[1].running_mean.uniform_(-0.5, 0.5)
+    module[1].running_var.uniform_(0.5, 2.0)
+    model = FlatModel(module)
+    data = make_client(13, poisoned=True)
+    idx = torch.arange(13)
+    ours = empirical_fisher(model, data, SPEC, idx, 5, "layers")
+    reference = per_sample_fisher_loop(model, data.inputs(idx, SPEC, None), data.y)
+    torch.testing.assert_close(ours[: model.num_params], reference, rtol=1e-4, atol=1e-10)
+    assert bool((ours[model.num_params:] == 0).all())  # buffers carry no Fisher

@@ -72,7 +72,8 @@ class ClientRunner:
         if self.blocks.fisher is not None:
             idx = fisher_samples(data, cfg.fisher.max_samples, generator)
             if cfg.fisher.estimator == "empirical":
-                fisher = empirical_fisher(self.model, data, self.exp.spec, idx, cfg.fisher.chunk_size)
+                fisher = empirical_fisher(self.model, data, self.exp.spec, idx, cfg.fisher.chunk_size,
+                                          cfg.fisher.backend)
             else:
                 fisher = batch_mean_sq_fisher(self.model, data, self.exp.spec, idx, cfg.train.batch_size)
             self.blocks.fisher[row] = fisher.cpu().numpy()

@@ -1,0 +1,475 @@
+"""``fdcr-mpi report``: the paper's Table 4 layout from a sweep's run files.
+
+Each run's figure is the mean of its last ``eval.final_rounds`` (5) rounds of A, R and V
+(as ``fdcr-mpi inspect`` shows); a cell is the mean and the sample standard deviation
+(n - 1) of that figure over the seeds. Rows are methods, columns are dataset x beta, one
+table per attacker ratio (and per any other setting the sweep varies). Where method,
+dataset, beta and attacker ratio match a row of the paper's Table 4 (``table4.csv`` in
+``../shared/reference``), the paper's value is printed in a row beneath ours.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fdcr_mpi.errors import UserError
+
+RUN_FILE = "run.h5"
+METRICS = ("A", "R", "V")
+ROW_KEY = "defense.name"
+COLUMN_KEYS = ("data.dataset", "data.beta")
+TABLE_KEY = "attack.malicious_ratio"  # one table per attacker ratio, and per anything else that varies
+SEED_KEY = "seed"
+IGNORED = ("runtime.", "data.root", "data.download")
+DESCENDING = ("data.beta", "attack.malicious_ratio")  # the paper's order: 0.5 before 0.3
+REFERENCE_ENV = "FDCR_REFERENCE"
+# The paper's names of the methods, in the order of its Table 4.
+METHODS = {
+    "fedavg": "Vanilla", "multi_krum": "Multi-Krum", "foolsgold": "FoolsGold", "rlr": "RLR",
+    "rfa": "RFA", "dnc": "DnC", "bulyan": "Bulyan", "trimmed_median": "Trimmed-Median",
+    "crfl": "CRFL", "fltrust": "FLTrust", "sageflow": "Sageflow", "mma": "MMA",
+    "finetuning": "Finetuning", "fdcr": "FDCR",
+}
+DATASETS = {"cifar10": "CIFAR-10", "fmnist": "Fashion-MNIST", "usps": "USPS", "mnist": "MNIST",
+            "digits": "digits", "synthetic": "synthetic"}
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the report needs of one run file."""
+
+    path: Path
+    status: str
+    config: dict[str, Any]  # flattened, dotted keys
+    rounds: dict[str, np.ndarray]
+    malicious: np.ndarray
+    final: dict[str, float]
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get(SEED_KEY)
+
+    @property
+    def name(self) -> str:
+        return self.path.parent.name
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def find_run_files(dirs: Iterable[Path]) -> list[Path]:
+    """Every run.h5 in or below each DIR (a run directory or a sweep's out root), sorted."""
+    found: list[Path] = []
+    for d in dirs:
+        d = Path(d)
+        if d.is_file() and d.name == RUN_FILE:
+            found.append(d)
+        elif (d / RUN_FILE).is_file():
+            found.append(d / RUN_FILE)
+        elif d.is_dir():
+            found += sorted(p for p in d.rglob(RUN_FILE) if "checkpoints" not in p.parts)
+        else:
+            raise UserError(f"{d} is neither a run directory nor a folder of runs")
+    unique = sorted(set(p.resolve() for p in found))
+    if not unique:
+        raise UserError(f"no run files ({RUN_FILE}) in {', '.join(str(d) for d in dirs)}")
+    return unique
+
+
+def final_window(config: Mapping[str, Any]) -> int:
+    return int(config.get("eval.final_rounds") or 5)
+
+
+def load_record(path: Path) -> RunRecord:
+    """Read one run file: config, status, every round column, ground truth, final A/R/V."""
+    from fdcr_mpi.checkpoint import open_h5
+    from fdcr_mpi.metrics import final_figure
+    from fdcr_mpi.store import read_rounds
+
+    try:
+        with open_h5(path, "r") as f:
+            text = f.attrs.get("config", "")
+            status = f.attrs.get("status", "running")
+            malicious = f["clients/malicious"][()] if "clients/malicious" in f else np.zeros(0, bool)
+    except OSError as exc:
+        raise UserError(f"could not read {path}: {exc}") from None
+    decode = (lambda v: v.decode() if isinstance(v, bytes) else str(v))
+    config = flatten(yaml.safe_load(decode(text)) or {})
+    rounds = read_rounds(path)
+    last = final_window(config)
+    final = {m: final_figure(rounds[m], last) if m in rounds else math.nan for m in METRICS}
+    return RunRecord(Path(path), decode(status), config, rounds, np.asarray(malicious, bool), final)
+
+
+def load_records(dirs: Iterable[Path], partial: bool = False) -> tuple[list[RunRecord], list[RunRecord]]:
+    """(runs counted, runs left out because they are unfinished) from the run files in ``dirs``."""
+    records = [load_record(p) for p in find_run_files(dirs)]
+    counted = [r for r in records if r.status == "complete" or (partial and r.rounds.get("round") is not None
+                                                                and len(r.rounds["round"]) > 0)]
+    left = [r for r in records if r not in counted]
+    if not counted:
+        raise UserError(f"none of the {len(records)} runs found is complete (use --partial to count unfinished runs)")
+    return counted, left
+
+
+# ----------------------------------------------------------------------------- grouping
+
+
+def _ignored(key: str) -> bool:
+    return key == SEED_KEY or key.startswith(IGNORED)
+
+
+def varying_keys(records: Sequence[RunRecord]) -> list[str]:
+    """Config keys (not seed, runtime or paths) whose value differs between runs, in config order."""
+    keys: dict[str, None] = {}
+    for r in records:
+        keys.update(dict.fromkeys(r.config))
+    return [k for k in keys if not _ignored(k) and len({repr(r.config.get(k)) for r in records}) > 1]
+
+
+def shared_setting(records: Sequence[RunRecord]) -> dict[str, Any]:
+    """Config values shared by every run that differ from the defaults (the paper's setting)."""
+    from fdcr_mpi.config import load_config
+
+    defaults = flatten(load_config(None).model_dump(mode="json"))
+    varying = set(varying_keys(records))
+    first = records[0].config
+    shown = {ROW_KEY, TABLE_KEY, *COLUMN_KEYS}  # already in the tables' titles
+    return {k: v for k, v in first.items()
+            if k not in varying and k not in shown and not _ignored(k) and k in defaults and defaults[k] != v}
+
+
+def sort_value(key: str, value: Any) -> tuple:
+    """An order for a key's values: the paper's order for datasets, methods, beta and ratios."""
+    if key == ROW_KEY:
+        order = list(METHODS)
+        return (order.index(value) if value in order else len(order), str(value))
+    if key == "data.dataset":
+        order = list(DATASETS)
+        return (order.index(value) if value in order else len(order), str(value))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, -value if key in DESCENDING else value, "")
+    return (1, 0, str(value))
+
+
+@dataclass
+class Cell:
+    """The runs of one setting (all seeds) and their statistics."""
+
+    records: list[RunRecord] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.records)
+
+    @property
+    def seeds(self) -> list[Any]:
+        return sorted(r.seed for r in self.records)
+
+    def mean(self, metric: str) -> float:
+        values = np.array([r.final[metric] for r in self.records], dtype=float)
+        return float(values.mean()) if values.size else math.nan
+
+    def std(self, metric: str) -> float:
+        values = np.array([r.final[metric] for r in self.records], dtype=float)
+        return float(values.std(ddof=1)) if values.size > 1 else math.nan
+
+
+@dataclass
+class Layout:
+    """Cells indexed by (table key, column key, method); keys are tuples of config values."""
+
+    table_keys: list[str]
+    column_keys: list[str]
+    cells: dict[tuple[tuple, tuple, Any], Cell]
+
+    def tables(self) -> list[tuple]:
+        return self._sorted({t for t, _, _ in self.cells}, self.table_keys)
+
+    def columns(self, table: tuple) -> list[tuple]:
+        return self._sorted({c for t, c, _ in self.cells if t == table}, self.column_keys)
+
+    def methods(self, table: tuple) -> list[Any]:
+        return sorted({m for t, _, m in self.cells if t == table}, key=lambda m: sort_value(ROW_KEY, m))
+
+    @staticmethod
+    def _sorted(values: set[tuple], keys: list[str]) -> list[tuple]:
+        return sorted(values, key=lambda v: tuple(sort_value(k, x) for k, x in zip(keys, v)))
+
+
+def build_layout(records: Sequence[RunRecord]) -> Layout:
+    """Group runs: rows by method, columns by dataset x beta, tables by attacker ratio and the rest."""
+    varying = varying_keys(records)
+    column_keys = list(COLUMN_KEYS)
+    table_keys = [TABLE_KEY, *[k for k in varying if k not in (ROW_KEY, TABLE_KEY, *column_keys)]]
+    cells: dict[tuple[tuple, tuple, Any], Cell] = {}
+    for r in records:
+        key = (tuple(r.config.get(k) for k in table_keys), tuple(r.config.get(k) for k in column_keys),
+               r.config.get(ROW_KEY))
+        cells.setdefault(key, Cell()).records.append(r)
+    return Layout(table_keys, column_keys, cells)
+
+
+# ----------------------------------------------------------------------------- the paper's values
+
+
+def default_reference() -> Path | None:
+    """``$FDCR_REFERENCE``, else ``../shared/reference/table4.csv`` beside the repository or the cwd."""
+    candidates = [os.environ.get(REFERENCE_ENV)]
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        candidates.append(str(root.parent / "shared" / "reference" / "table4.csv"))
+    for c in candidates:
+        if c and Path(c).is_file():
+            return Path(c)
+    return None
+
+
+def read_reference(path: Path | None) -> dict[tuple[str, str, float, float], dict[str, float]]:
+    """(method label, dataset, beta, ratio) -> {A, R, V} from the paper's table4.csv."""
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise UserError(f"the reference table {path} does not exist")
+    table = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                key = (row["method"], row["dataset"], float(row["beta"]), float(row["malicious_ratio"]))
+                table[key] = {m: float(row[m]) for m in METRICS}
+            except (KeyError, ValueError) as exc:
+                raise UserError(f"{path} is not the paper's table (method, dataset, beta, "
+                                f"malicious_ratio, A, R, V): {exc}") from None
+    return table
+
+
+def paper_values(reference: Mapping, cell: Cell) -> dict[str, float] | None:
+    """The paper's A/R/V for the cell's setting, or None where the paper has no such setting."""
+    config = cell.records[0].config
+    if config.get("attack.kind") != "badnets":
+        return None
+    method = METHODS.get(config.get(ROW_KEY))
+    try:
+        key = (method, config.get("data.dataset"), float(config.get("data.beta")),
+               float(config.get("attack.malicious_ratio")))
+    except (TypeError, ValueError):
+        return None
+    return reference.get(key)
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def method_label(name: Any) -> str:
+    return METHODS.get(name, str(name))
+
+
+def key_label(key: str, value: Any) -> str:
+    if key == "data.dataset":
+        return DATASETS.get(value, str(value))
+    if key == "data.beta":
+        return f"β={value}"
+    return f"{key.split('.')[-1]}={value}"
+
+
+def column_title(keys: Sequence[str], column: tuple) -> str:
+    return ", ".join(key_label(k, v) for k, v in zip(keys, column))
+
+
+def table_title(keys: Sequence[str], table: tuple) -> str:
+    names = {"attack.malicious_ratio": "attacker ratio"}
+    return ", ".join(f"{names.get(k, k)} {v}" for k, v in zip(keys, table)) or "all runs"
+
+
+def fmt(mean: float, std: float = math.nan) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+@dataclass
+class Report:
+    """Everything the three output formats need."""
+
+    layout: Layout
+    reference: dict
+    reference_path: Path | None
+    counted: list[RunRecord]
+    left_out: list[RunRecord]
+    setting: dict[str, Any]
+
+    def paper(self, table: tuple, column: tuple, method: Any) -> dict[str, float] | None:
+        cell = self.layout.cells.get((table, column, method))
+        return paper_values(self.reference, cell) if cell else None
+
+
+def _seeds_line(report: Report) -> str:
+    counts = sorted({c.n for c in report.layout.cells.values()})
+    return "/".join(str(n) for n in counts)
+
+
+def markdown(report: Report) -> str:
+    layout = report.layout
+    window = final_window(report.counted[0].config)
+    lines = [
+        "# Table 4: accuracy A, backdoor failure rate R and V = (A + R) / 2 (%)",
+        "",
+        f"{len(report.counted)} runs, {_seeds_line(report)} seeds per cell. Each run: the mean of its last "
+        f"{window} rounds; each cell: mean ± sample standard deviation over the seeds.",
+    ]
+    if report.reference_path:
+        lines.append(f"*paper* rows: the paper's Table 4 ({report.reference_path.name}) where method, "
+                     "dataset, β and attacker ratio match; the paper ran its full setting.")
+    else:
+        lines.append("No reference table found (../shared/reference/table4.csv): no paper rows.")
+    if report.setting:
+        shared = ", ".join(f"`{k}={v}`" for k, v in report.setting.items())
+        lines += ["", f"Setting shared by all runs, where it differs from the defaults (the paper's): {shared}."]
+    for table in layout.tables():
+        lines += ["", f"## {table_title(layout.table_keys, table)}", ""]
+        lines += _markdown_table(report, table)
+    lines += _left_out_lines(report)
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_table(report: Report, table: tuple) -> list[str]:
+    layout = report.layout
+    columns = layout.columns(table)
+    head = ["Method"] + [f"{column_title(layout.column_keys, c)} {m}" for c in columns for m in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for method in layout.methods(table):
+        ours, paper = [method_label(method)], [f"*{method_label(method)} (paper)*"]
+        for c in columns:
+            cell = layout.cells.get((table, c, method))
+            values = report.paper(table, c, method)
+            for m in METRICS:
+                ours.append(fmt(cell.mean(m), cell.std(m)) if cell else "")
+                paper.append(f"*{values[m]:.2f}*" if values else "")
+        lines.append("| " + " | ".join(ours) + " |")
+        if any(paper[1:]):
+            lines.append("| " + " | ".join(paper) + " |")
+    return lines
+
+
+def _left_out_lines(report: Report) -> list[str]:
+    if not report.left_out:
+        return []
+    lines = ["", f"Not counted: {len(report.left_out)} unfinished runs."]
+    for r in report.left_out:
+        lines.append(f"- `{r.path.parent}`: {r.status}, {len(r.rounds.get('round', []))} rounds")
+    return lines
+
+
+CSV_FIELDS = ("method", "method_label", "n_seeds", "seeds", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")],
+              *[f"paper_{m}" for m in METRICS])
+
+
+def csv_text(report: Report) -> str:
+    """Long format: one row per cell (setting keys, method, seeds, mean/std of A, R, V, paper)."""
+    layout = report.layout
+    keys = [*layout.table_keys, *layout.column_keys]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*keys, *CSV_FIELDS])
+    for table in layout.tables():
+        for column in layout.columns(table):
+            for method in layout.methods(table):
+                cell = layout.cells.get((table, column, method))
+                if cell is None:
+                    continue
+                paper = report.paper(table, column, method) or {}
+                stats = [_num(f(m)) for m in METRICS for f in (cell.mean, cell.std)]
+                writer.writerow([*table, *column, method, method_label(method), cell.n,
+                                 " ".join(str(s) for s in cell.seeds), *stats,
+                                 *[_num(paper.get(m, math.nan)) for m in METRICS]])
+    return out.getvalue()
+
+
+def _num(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.4f}"
+
+
+def _tex(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
+                 ("β", r"$\beta$"), ("±", r"$\pm$")):
+        text = text.replace(a, b)
+    return text
+
+
+def latex(report: Report) -> str:
+    """One booktabs tabular per table; paper rows in italics."""
+    layout = report.layout
+    window = final_window(report.counted[0].config)
+    parts = [f"% fdcr-mpi report: A, R, V (%), mean of the last {window} rounds, mean $\\pm$ std over seeds.\n"
+             "% Needs \\usepackage{booktabs}."]
+    for table in layout.tables():
+        parts.append(_latex_table(report, table))
+    return "\n\n".join(parts) + "\n"
+
+
+def _latex_table(report: Report, table: tuple) -> str:
+    layout = report.layout
+    columns = layout.columns(table)
+    spec = "l" + " ccc" * len(columns)
+    groups = " & ".join(f"\\multicolumn{{3}}{{c}}{{{_tex(column_title(layout.column_keys, c))}}}" for c in columns)
+    rules = " ".join(f"\\cmidrule(lr){{{2 + 3 * i}-{4 + 3 * i}}}" for i in range(len(columns)))
+    lines = [
+        "\\begin{table}[t]", "\\centering", "\\small",
+        f"\\caption{{{_tex(table_title(layout.table_keys, table))}: A, R, V (\\%).}}",
+        f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
+        f" & {groups} \\\\", rules,
+        "Method & " + " & ".join(["A & R & V"] * len(columns)) + " \\\\", "\\midrule",
+    ]
+    for method in layout.methods(table):
+        ours, paper = [_tex(method_label(method))], [f"\\textit{{{_tex(method_label(method))} (paper)}}"]
+        for c in columns:
+            cell = layout.cells.get((table, c, method))
+            values = report.paper(table, c, method)
+            for m in METRICS:
+                ours.append(_tex(fmt(cell.mean(m), cell.std(m))) if cell else "")
+                paper.append(f"\\textit{{{values[m]:.2f}}}" if values else "")
+        lines.append(" & ".join(ours) + " \\\\")
+        if any(paper[1:]):
+            lines.append(" & ".join(paper) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    return "\n".join(lines)
+
+
+def build_report(dirs: Sequence[Path], *, reference: Path | None = None, partial: bool = False) -> Report:
+    counted, left = load_records(dirs, partial=partial)
+    ref_path = reference or default_reference()
+    return Report(build_layout(counted), read_reference(ref_path), ref_path, counted, left,
+                  shared_setting(counted))
+
+
+def write_report(dirs: Sequence[Path], out: Path, *, reference: Path | None = None,
+                 partial: bool = False) -> list[Path]:
+    """Write table4.md, table4.csv and table4.tex into ``out``; returns their paths."""
+    report = build_report(dirs, reference=reference, partial=partial)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in (("table4.md", markdown(report)), ("table4.csv", csv_text(report)),
+                       ("table4.tex", latex(report))):
+        path = out / name
+        path.write_text(text)
+        paths.append(path)
+    return paths
