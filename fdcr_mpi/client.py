@@ -34,9 +34,16 @@ class ClientData:
     poisoned: torch.Tensor
     trigger: torch.Tensor | None = None
     trigger_value: float = 1.0
+    true_y: torch.Tensor | None = None  # labels before poisoning (an attacker knows its clean data)
 
     def __len__(self) -> int:
         return int(self.y.numel())
+
+    def clean_part(self) -> ClientData:
+        """The samples that carry no trigger, with their true labels (what a benign client holds)."""
+        keep = ~self.poisoned
+        labels = self.true_y if self.true_y is not None else self.y
+        return ClientData(x=self.x[keep], y=labels[keep], poisoned=torch.zeros(int(keep.sum()), dtype=torch.bool))
 
     def inputs(self, idx: torch.Tensor, spec: DatasetSpec, generator: torch.Generator | None) -> torch.Tensor:
         """Model-ready batch of rows ``idx``: augmented when a generator is given, then triggered."""

@@ -35,6 +35,7 @@ class DataConfig(Section):
     download: bool = False
     num_clients: int = pydantic.Field(10, ge=1)
     beta: float | Literal["iid"] = 0.5
+    train_samples: int | None = pydantic.Field(None, ge=10)  # a seeded subset of the training set
     min_client_size: int = pydantic.Field(10, ge=1)
     val_fraction: float = pydantic.Field(0.1, gt=0, lt=1)
     proxy_size: int = pydantic.Field(256, ge=1)
@@ -48,11 +49,23 @@ class DataConfig(Section):
 
 
 class AttackConfig(Section):
+    """Who attacks and how (ALGORITHM.md section 3, plus attacks beyond the paper).
+
+    kind: ``badnets`` (the trigger of ``trigger.pattern`` on a fixed half of each attacker's
+    samples), ``dba`` (the trigger split into parts, one per attacker; the full trigger at
+    test time), or ``none`` (a clean run). scale: model replacement, an attacker sends
+    w_t + scale (w_k - w_t). fisher: what an attacker reports as its Fisher vector:
+    ``honest`` (on its poisoned data, as the paper), ``uniform`` (a constant vector) or
+    ``mimic`` (the Fisher of its clean samples only, as a benign client would report).
+    """
+
     kind: Literal["badnets", "dba", "none"] = "badnets"
     malicious_ratio: float = pydantic.Field(0.3, ge=0, lt=1)
     malicious_ids: Literal["last", "random"] = "last"
     target_label: int = pydantic.Field(2, ge=0)
     poison_rate: float = pydantic.Field(0.5, gt=0, le=1)
+    scale: float = pydantic.Field(1.0, gt=0)
+    fisher: Literal["honest", "uniform", "mimic"] = "honest"
 
 
 class TriggerConfig(Section):

@@ -76,7 +76,8 @@ def build_client(config: BaseConfig, raw: RawSplit, spec: DatasetSpec, indices: 
                  malicious: np.ndarray, client: int) -> ClientData:
     """Client ``client``'s data; an attacker relabels a fixed seeded half and carries a trigger."""
     x = preprocess(raw.x[indices], spec)
-    y = torch.as_tensor(raw.y[indices], dtype=torch.int64).clone()
+    true_y = torch.as_tensor(raw.y[indices], dtype=torch.int64)
+    y = true_y.clone()
     poisoned = torch.zeros(len(indices), dtype=torch.bool)
     trigger = None
     if malicious[client] and config.attack.kind != "none":
@@ -84,7 +85,8 @@ def build_client(config: BaseConfig, raw: RawSplit, spec: DatasetSpec, indices: 
         poisoned = torch.as_tensor(poison_mask(len(indices), config.attack.poison_rate, rng))
         y[poisoned] = config.attack.target_label
         trigger = client_trigger(config, malicious, client)
-    return ClientData(x=x, y=y, poisoned=poisoned, trigger=trigger, trigger_value=config.trigger.value)
+    return ClientData(x=x, y=y, poisoned=poisoned, trigger=trigger, trigger_value=config.trigger.value,
+                      true_y=true_y)
 
 
 def build_eval_sets(config: BaseConfig, train: RawSplit, test: RawSplit, spec: DatasetSpec,
@@ -111,6 +113,9 @@ def build_experiment(config: BaseConfig, client_ids: list[int], server: bool,
     train, test, spec = load_raw(data.dataset, data.root, data.download, seed=config.seed)
     train_idx, val_idx = train_val_split(len(train.y), seeding.numpy_rng(config.seed, seeding.SPLIT),
                                          data.val_fraction)
+    if data.train_samples is not None and data.train_samples < len(train_idx):
+        subset = seeding.numpy_rng(config.seed, seeding.SPLIT, 1).permutation(len(train_idx))
+        train_idx = np.sort(train_idx[subset[: data.train_samples]])
     parts = dirichlet_partition(train.y[train_idx], data.num_clients, data.beta,
                                 seeding.numpy_rng(config.seed, seeding.PARTITION), data.min_client_size)
     partition = [train_idx[p] for p in parts]

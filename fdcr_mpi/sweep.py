@@ -147,11 +147,21 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def format_value(value: Any) -> str:
     """A value as the right-hand side of a dotted override that parses back to the same value."""
     if isinstance(value, str):
-        plain = bool(value) and not re.search(r"[\s,\[\]{}'\"=#:]", value)
-        if plain and yaml.safe_load(value) == value:
+        plain = bool(value) and not re.search(r"[\s,\[\]{}'\"=#:$\\]", value)
+        if plain and _parses_as(value) == value:
             return value
-        return "'" + value.replace("'", "''") + "'"
+        return "'" + value.replace("'", "''") + "'"  # YAML single quotes: only ' is escaped
     return json.dumps(value)
+
+
+def _parses_as(text: str) -> Any:
+    """What OmegaConf makes of ``key=text`` (the parser ``fdcr-mpi run`` uses)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"k={text}"]))["k"]
+    except Exception:  # noqa: BLE001 - anything it cannot parse gets quoted
+        return None
 
 
 def _label(key: str, labels: Mapping[str, str]) -> str:

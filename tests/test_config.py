@@ -66,3 +66,9 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
     scalar.write_text("42\n")
     with pytest.raises(UserError):
         load_config(scalar)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs").glob("[!s]*/*.yaml")),
+                         ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_shipped_config_validates(path: Path) -> None:
+    load_config(path)

@@ -25,7 +25,7 @@ from fdcr_mpi.errors import Preempted, UserError
 from fdcr_mpi.experiment import Experiment, build_experiment
 from fdcr_mpi.runtime.devices import default_threads, select_device
 from fdcr_mpi.runtime.server import Server, weights_sha256
-from fdcr_mpi.runtime.transport import fail_job, make_transport
+from fdcr_mpi.runtime.transport import client_blocks, fail_job, make_transport
 from fdcr_mpi.runtime.worker import ClientRunner, worker_loop
 from fdcr_mpi.store import RunFile
 
@@ -95,6 +95,15 @@ class Recorder:
               f"V {row['V']:6.2f}  removed {removed}  {round_seconds:6.1f} s  ETA {format_eta(eta)}",
               flush=True)
 
+    def mark_failed(self) -> None:
+        """Best effort: status 'failed' (the rows and checkpoints already written stay valid)."""
+        try:
+            if self.run_file is not None:
+                self.run_file.set_status("failed")
+                self.run_file.close()
+        except (OSError, UserError, ValueError):
+            pass
+
     def finish(self, weights: torch.Tensor, status: str) -> str:
         digest = weights_sha256(weights)
         if status == "complete":
@@ -102,6 +111,31 @@ class Recorder:
         self.run_file.set_status(status)
         self.run_file.close()
         return digest
+
+
+def placement(identities: list[str], num_clients: int) -> str:
+    """'1:[0-4] (host:pid) 2:[5-9] (host:pid)': the clients and process of each client rank.
+
+    When a rank dies without a word (SIGKILL, OOM), mpiexec or srun reports its pid or rank;
+    this line, printed at start, tells which clients it hosted.
+    """
+    parts = []
+    for rank, ids in enumerate(client_blocks(num_clients, len(identities))):
+        if ids:
+            span = f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else f"{ids[0]}"
+            parts.append(f"{rank}:[{span}] ({identities[rank]})")
+    return " ".join(parts)
+
+
+def make_run_dir(out: Path) -> None:
+    """Create the run directory, or one sentence saying why it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the run directory {out}: {exc.strerror or exc}") from None
 
 
 def format_eta(seconds: float) -> str:
@@ -130,13 +164,14 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
         runner = ClientRunner(exp, client_ids, with_fisher=defense.needs_fisher, device=device,
                               pinned=device.type == "cuda", rank=transport.rank)
         if transport.is_server:
-            out.mkdir(parents=True, exist_ok=True)
+            make_run_dir(out)
             lock = RunLock(out).acquire()
             recorder = Recorder(out, config, exp, quiet=quiet)
             start, weights, state = recorder.open(restart)
     except UserError as exc:
         setup_error = str(exc)
     setup_error = transport.first_error(setup_error)
+    identities = transport.identities()
     if setup_error is not None:
         if lock is not None:
             lock.release()
@@ -166,6 +201,8 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
                   f"{config.data.num_clients} clients ({int(exp.malicious.sum())} attackers), "
                   f"{config.rounds} rounds, {transport.describe()}, device {device}"
                   + (f", resuming at round {start + 1}" if start else ""), flush=True)
+            if transport.size > 1:
+                print("clients by rank: " + placement(identities, config.data.num_clients), flush=True)
         server.stop.install()
         recorder.stop = server.stop
         weights = server.run(start, weights)
@@ -177,9 +214,16 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
                             f"{rounds_done}; resume with: fdcr-mpi resume {out}")
         print_final(out / RUN_FILE, config, digest, quiet)
         return 0
-    except (UserError, Preempted):
+    except Preempted:
+        raise
+    except UserError as exc:
+        recorder.mark_failed()
+        if transport.size > 1:  # the client ranks wait for the next round: end them too
+            sys.stderr.write(f"fdcr-mpi: error: {exc}\n")
+            transport.abort(exc.exit_code)
         raise
     except BaseException as exc:  # noqa: BLE001
+        recorder.mark_failed()
         if transport.size > 1:
             fail_job(transport, exc)
         raise

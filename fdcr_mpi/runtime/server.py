@@ -19,6 +19,7 @@ from fdcr_mpi import metrics, seeding
 from fdcr_mpi.defenses.base import Defense, ProxyData, RoundInputs, RoundResult
 from fdcr_mpi.experiment import Experiment
 from fdcr_mpi.models import build_model
+from fdcr_mpi.quarantine import defend_with_quarantine
 from fdcr_mpi.runtime.devices import host_buffer
 from fdcr_mpi.runtime.transport import client_blocks
 from fdcr_mpi.runtime.worker import META, ROUND, STOP, ClientRunner, SendBlocks, send_rows
@@ -126,30 +127,14 @@ class Server:
         return new_weights
 
     def defend(self, t: int, weights: torch.Tensor) -> tuple[RoundResult, np.ndarray]:
-        """Run the defense on the finite rows; quarantined clients get alpha_hat 0 this round."""
-        cfg, exp = self.exp.config, self.exp
-        client_w = torch.from_numpy(self.recv.weights)
+        """Run the defense on the gathered rows; faulty rows are quarantined for this round."""
+        cfg = self.exp.config
         fisher = torch.from_numpy(self.recv.fisher) if self.recv.fisher is not None else None
-        sizes = torch.from_numpy(self.recv.meta[:, 0].copy())
-        finite = torch.isfinite(client_w).all(dim=1)
-        if fisher is not None:
-            finite &= torch.isfinite(fisher).all(dim=1)
-        finite &= sizes > 0
-        quarantined = (~finite).numpy()
-        keep = torch.nonzero(finite).flatten()
-        if keep.numel() == 0:
-            k = exp.num_clients
-            return RoundResult(weights=weights.clone(), alpha_hat=np.zeros(k), removed=np.zeros(k, bool),
-                               diagnostics={}), quarantined
-        subset = (lambda a: a) if keep.numel() == exp.num_clients else (lambda a: a[keep])
         inputs = RoundInputs(
-            global_weights=weights, client_weights=subset(client_w),
-            fisher=subset(fisher) if fisher is not None else None, sizes=subset(sizes),
-            trainable=self.trainable, lr=cfg.train.lr, round=t, total_rounds=cfg.rounds, proxy=self.proxy)
-        result = self.defense.aggregate(inputs)
-        if keep.numel() == exp.num_clients:
-            return result, quarantined
-        return expand_result(result, keep.numpy(), exp.num_clients), quarantined
+            global_weights=weights, client_weights=torch.from_numpy(self.recv.weights), fisher=fisher,
+            sizes=torch.from_numpy(self.recv.meta[:, 0].copy()), trainable=self.trainable, lr=cfg.train.lr,
+            round=t, total_rounds=cfg.rounds, proxy=self.proxy)
+        return defend_with_quarantine(self.defense, inputs)
 
     def evaluate(self, weights: torch.Tensor) -> dict[str, float]:
         """A, ASR (true label not the target), ASR including target-class images, R, V."""
@@ -184,22 +169,3 @@ class Server:
             if array.ndim == 0 or (array.ndim == 1 and array.shape[0] == k):
                 row[name] = array
         return row
-
-
-def expand_result(result: RoundResult, keep: np.ndarray, num_clients: int) -> RoundResult:
-    """A defense's result on the kept rows, spread back to all K clients (quarantined ones get 0)."""
-    alpha_hat = np.zeros(num_clients)
-    removed = np.zeros(num_clients, dtype=bool)
-    alpha_hat[keep] = result.alpha_hat
-    removed[keep] = result.removed
-    diagnostics: dict[str, object] = {}
-    for name, value in result.diagnostics.items():
-        array = np.asarray(value)
-        if array.ndim == 1 and array.shape[0] == keep.size:
-            full = np.full(num_clients, np.nan if array.dtype.kind == "f" else -1, dtype=array.dtype
-                           if array.dtype.kind == "f" else np.int64)
-            full[keep] = array
-            diagnostics[name] = full
-        else:
-            diagnostics[name] = value
-    return RoundResult(weights=result.weights, alpha_hat=alpha_hat, removed=removed, diagnostics=diagnostics)

@@ -17,6 +17,7 @@ collective otherwise, halving the speed of the ranks that are working).
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 import traceback
@@ -58,6 +59,8 @@ class Transport(Protocol):
 
     def first_error(self, message: str | None) -> str | None: ...
 
+    def identities(self) -> list[str]: ...
+
     def abort(self, code: int) -> None: ...
 
     def describe(self) -> str: ...
@@ -85,6 +88,9 @@ class LocalTransport:
 
     def first_error(self, message: str | None) -> str | None:
         return message
+
+    def identities(self) -> list[str]:
+        return [process_identity()]
 
     def abort(self, code: int) -> None:
         sys.exit(code)
@@ -143,6 +149,10 @@ class MpiTransport:
                 return msg if rank == 0 else f"rank {rank}: {msg}"
         return None
 
+    def identities(self) -> list[str]:
+        """Collective: 'host:pid' of every rank, in rank order (to map an MPI death report to a rank)."""
+        return self.comm.allgather(process_identity())
+
     def abort(self, code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -160,6 +170,10 @@ class MpiTransport:
 
     def describe(self) -> str:
         return f"MPI, {self.size} ranks ({self.MPI.Get_library_version().splitlines()[0].strip()})"
+
+
+def process_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _contiguous(buf: np.ndarray | None) -> Any:

@@ -10,7 +10,13 @@ import numpy as np
 import torch
 
 from fdcr_mpi import seeding
-from fdcr_mpi.client import batch_mean_sq_fisher, empirical_fisher, fisher_samples, local_train
+from fdcr_mpi.client import (
+    ClientData,
+    batch_mean_sq_fisher,
+    empirical_fisher,
+    fisher_samples,
+    local_train,
+)
 from fdcr_mpi.experiment import Experiment
 from fdcr_mpi.models import FlatModel, build_model
 from fdcr_mpi.runtime.devices import host_buffer
@@ -68,18 +74,34 @@ class ClientRunner:
         start = time.perf_counter()
         loss = local_train(self.model, data, self.exp.spec, self.exp.train_settings, generator)
         trained = time.perf_counter()
-        self.blocks.weights[row] = self.model.flat.detach().cpu().numpy()
+        attacker = bool(self.exp.malicious[k]) and cfg.attack.kind != "none"
         if self.blocks.fisher is not None:
-            idx = fisher_samples(data, cfg.fisher.max_samples, generator)
-            if cfg.fisher.estimator == "empirical":
-                fisher = empirical_fisher(self.model, data, self.exp.spec, idx, cfg.fisher.chunk_size,
-                                          cfg.fisher.backend)
-            else:
-                fisher = batch_mean_sq_fisher(self.model, data, self.exp.spec, idx, cfg.train.batch_size)
-            self.blocks.fisher[row] = fisher.cpu().numpy()
+            self.blocks.fisher[row] = self.reported_fisher(data, attacker, generator).cpu().numpy()
+        if attacker and cfg.attack.scale != 1.0:
+            boost_update(self.model.flat, global_weights, cfg.attack.scale)
+        self.blocks.weights[row] = self.model.flat.detach().cpu().numpy()
         done = time.perf_counter()
         self.blocks.meta[row] = (len(data), loss, trained - start, done - trained)
         inject_fault(cfg.runtime.fault, self.rank, k, round_, self.blocks, row)
+
+
+    def reported_fisher(self, data: ClientData, attacker: bool, generator: torch.Generator) -> torch.Tensor:
+        """The Fisher diagonal the client sends: its own (section 1.2), or an attacker's forgery."""
+        cfg = self.exp.config
+        if attacker and cfg.attack.fisher == "uniform":
+            return torch.ones(self.model.size)
+        if attacker and cfg.attack.fisher == "mimic":
+            data = data.clean_part()
+        idx = fisher_samples(data, cfg.fisher.max_samples, generator)
+        if cfg.fisher.estimator == "empirical":
+            return empirical_fisher(self.model, data, self.exp.spec, idx, cfg.fisher.chunk_size, cfg.fisher.backend)
+        return batch_mean_sq_fisher(self.model, data, self.exp.spec, idx, cfg.train.batch_size)
+
+
+@torch.no_grad()
+def boost_update(weights: torch.Tensor, global_weights: torch.Tensor, scale: float) -> None:
+    """Model replacement: w_k <- w_t + scale (w_k - w_t), in place."""
+    weights.sub_(global_weights).mul_(scale).add_(global_weights)
 
 
 def inject_fault(fault, rank: int, client: int, round_: int, blocks: SendBlocks, row: int) -> None:

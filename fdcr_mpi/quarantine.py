@@ -1,0 +1,58 @@
+"""Faulty clients: rows with NaN/inf weights or Fisher, or no samples, are set aside for the round.
+
+The defense runs on the remaining rows; the quarantined clients get alpha_hat 0 and are
+recorded in the round's ``quarantined`` column. The run goes on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult
+
+
+def faulty_rows(inputs: RoundInputs) -> np.ndarray:
+    """(K,) bool: rows whose weights or Fisher hold NaN/inf, or that claim no samples."""
+    ok = torch.isfinite(inputs.client_weights).all(dim=1) & (inputs.sizes > 0) & torch.isfinite(inputs.sizes)
+    if inputs.fisher is not None:
+        ok &= torch.isfinite(inputs.fisher).all(dim=1)
+    return (~ok).numpy()
+
+
+def defend_with_quarantine(defense: Defense, inputs: RoundInputs) -> tuple[RoundResult, np.ndarray]:
+    """Run ``defense`` on the healthy rows of ``inputs``; spread its result back over all K clients."""
+    quarantined = faulty_rows(inputs)
+    k = inputs.num_clients
+    if not quarantined.any():
+        return defense.aggregate(inputs), quarantined
+    keep = np.flatnonzero(~quarantined)
+    if keep.size == 0:
+        return RoundResult(weights=inputs.global_weights.clone(), alpha_hat=np.zeros(k),
+                           removed=np.zeros(k, dtype=bool), diagnostics={}), quarantined
+    rows = torch.from_numpy(keep)
+    healthy = RoundInputs(
+        global_weights=inputs.global_weights, client_weights=inputs.client_weights[rows],
+        sizes=inputs.sizes[rows], fisher=None if inputs.fisher is None else inputs.fisher[rows],
+        trainable=inputs.trainable, lr=inputs.lr, round=inputs.round, total_rounds=inputs.total_rounds,
+        proxy=inputs.proxy)
+    return expand_result(defense.aggregate(healthy), keep, k), quarantined
+
+
+def expand_result(result: RoundResult, keep: np.ndarray, num_clients: int) -> RoundResult:
+    """A defense's result on the kept rows, spread back to all K clients (the others get 0)."""
+    alpha_hat = np.zeros(num_clients)
+    removed = np.zeros(num_clients, dtype=bool)
+    alpha_hat[keep] = result.alpha_hat
+    removed[keep] = result.removed
+    diagnostics: dict[str, object] = {}
+    for name, value in result.diagnostics.items():
+        array = np.asarray(value)
+        if array.ndim == 1 and array.shape[0] == keep.size:
+            floating = array.dtype.kind == "f"
+            full = np.full(num_clients, np.nan if floating else -1, dtype=array.dtype if floating else np.int64)
+            full[keep] = array
+            diagnostics[name] = full
+        else:
+            diagnostics[name] = value
+    return RoundResult(weights=result.weights, alpha_hat=alpha_hat, removed=removed, diagnostics=diagnostics)

@@ -1,0 +1,68 @@
+"""The benchmark harness imports, extrapolates and reports correctly, and its quick mode runs.
+
+Benchmarks measure; these tests never look at a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_benchmark_module_imports() -> None:
+    import benchmarks.comm
+    import benchmarks.local
+    import benchmarks.mpi_comm
+    import benchmarks.rank_entry
+    import benchmarks.report
+    import benchmarks.rounds
+    import benchmarks.run  # noqa: F401
+
+
+def test_extrapolation_scales_training_by_epochs_and_data_and_the_fisher_by_data() -> None:
+    from benchmarks.rounds import extrapolate
+
+    phases = {"train": 2.0, "fisher": 1.0, "evaluate": 3.0, "round": 6.5}
+    estimate, how = extrapolate(phases, epochs=1, data_scale=10.0)
+    assert estimate["train"] == pytest.approx(200.0) and estimate["fisher"] == pytest.approx(10.0)
+    assert estimate["evaluate"] == 3.0 and estimate["round"] == pytest.approx(213.5)
+    assert how.startswith("EXTRAPOLATED")
+    same, how = extrapolate(phases, epochs=10, data_scale=1.0)
+    assert same == phases and "not extrapolated" in how
+
+
+def test_targets_and_the_report_files(tmp_path: Path) -> None:
+    from benchmarks.common import Figure
+    from benchmarks.report import not_measured, write_results
+
+    figures = [Figure("a", "ratio", 0.97, "x", ">=", 0.95), Figure("b", "fraction", 0.3, "x", "<=", 0.25),
+               Figure("c", "no target", 1.0, "s"), *not_measured()]
+    assert [f.passed for f in figures[:3]] == [True, False, None]
+    meta = {"mode": "test", "started": "s", "finished": "f", "seconds": 1.0, "cpus": 2, "torch": "x",
+            "load_start": [0, 0, 0], "load_end": [0, 0, 0], "notes": ["a note"]}
+    json_path, md_path = write_results(tmp_path, meta, figures, {})
+    assert len(json.loads(json_path.read_text())["figures"]) == len(figures)
+    text = md_path.read_text()
+    assert "FAIL" in text and "pass" in text and text.count("not measured") >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_quick_mode_runs_and_writes_both_results_files(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "SLURM_", "HYDRA_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path),
+               "--only", "local", "comm", "rounds"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    keys = {f["key"] for f in data["figures"]}
+    assert {"train_throughput_ratio_t1", "fisher_fraction_layers_t1", "round_seconds_fdcr_one_t1"} <= keys
+    assert (tmp_path / "RESULTS.md").read_text().startswith("# fdcr_mpi benchmarks")

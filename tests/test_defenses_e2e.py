@@ -1,0 +1,30 @@
+"""Every registered defense runs end to end for 2 rounds under a real mpiexec -n 3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from fdcr_mpi.defenses import available
+from tests.test_mpi import final_sha, launch, requires_mpi
+
+SMALL = ["data.dataset=digits", "rounds=2", "train.local_epochs=1", "runtime.threads=1",
+         "fisher.max_samples=32", "data.proxy_size=64"]
+
+
+@requires_mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("defense", sorted(available()))
+def test_defense_runs_two_rounds_under_mpiexec(tmp_path: Path, defense: str) -> None:
+    result = launch(["run", *SMALL, f"defense.name={defense}", "--quiet", "--out", str(tmp_path)], 3,
+                    timeout=300)
+    digest = final_sha(result)
+    with h5py.File(tmp_path / "run.h5") as f:
+        assert f.attrs["status"] == "complete" and f.attrs["final_sha256"] == digest
+        assert f["rounds/round"][:].tolist() == [0, 1]
+        alpha_hat = f["rounds/alpha_hat"][:]
+        assert alpha_hat.shape == (2, 10) and np.all(np.isfinite(alpha_hat))
+        assert np.all(np.isfinite(f["rounds/A"][:]))
