@@ -26,6 +26,7 @@ def run_comm(repeats: int, timeout: float, scratch: Path) -> tuple[list[Figure],
         note = f"mpiexec run failed: {outcome.why()}"
         return [Figure("comm_ratio_bcast", f"{label}, Bcast", None, "x", load=load, notes=note)], {"error": note}
     data = json.loads(out.read_text())
+    load = max(load, load1())
     data["load"] = load
     return comm_figures(data, load), data
 

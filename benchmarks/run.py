@@ -120,6 +120,8 @@ def _loadavg() -> tuple[float, float, float]:
 
 def notes(plan: Plan, root: Path | None, errors: dict[str, str]) -> list[str]:
     items = [
+        "Load is the higher 1-minute load average at the start and end of each measurement (2 cores: "
+        "above ~1.5 other jobs compete for the cores and absolute times inflate).",
         "Every timing is taken after a warm-up; repeated timings report the median. Ratios (ours/bare, "
         "speed-ups, Fisher fraction) are taken within one run, with the cases interleaved where cheap.",
         "Overhead = (round - busiest rank's train - its Fisher) / round; the run file keeps the busiest "

@@ -27,8 +27,17 @@ def env_rank() -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-sentence errors (no usage block): 'fdcr-mpi: error: ... (see --help)'."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if env_rank() == 0:
+            sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fdcr-mpi", description=__doc__.splitlines()[0])
+    p = Parser(prog="fdcr-mpi", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"fdcr-mpi {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fdcr_mpi.errors import UserError, describe_validation_error
@@ -171,7 +171,7 @@ def _parse_overrides(overrides: list[str]) -> Any:
             raise UserError(f"override {item!r} is not of the form key.sub=value")
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
         reason = str(exc).splitlines()[0]
         raise UserError(f"could not parse the overrides {overrides}: {reason}") from None
 
@@ -213,9 +213,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         parts.append(_load_yaml(path))
     if overrides:
         parts.append(_parse_overrides(list(overrides)))
+    if path is not None and not isinstance(parts[1], DictConfig):
+        raise UserError(f"config file {path} must be a mapping of sections (data:, attack:, ...)")
     try:
         merged = OmegaConf.to_container(OmegaConf.merge(*parts), resolve=True)
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:
         raise UserError(f"could not merge the config: {str(exc).splitlines()[0]}") from None
     return validate(merged)
 

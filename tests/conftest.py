@@ -17,3 +17,11 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "FashionMNIST" / "raw").is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA} (only the project's CI has ../shared/data)")
     return SHARED_DATA
+
+
+# CI replays the same examples every run (reproducible); locally Hypothesis explores anew.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
