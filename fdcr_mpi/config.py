@@ -99,6 +99,7 @@ class DefenseConfig(Section):
 
 class EvalConfig(Section):
     batch_size: int = pydantic.Field(1000, ge=1)
+    test_samples: int | None = pydantic.Field(None, ge=1)  # a seeded subset of the test set (quick sweeps)
     final_rounds: int = pydantic.Field(5, ge=1)
 
 

@@ -92,8 +92,11 @@ def build_client(config: BaseConfig, raw: RawSplit, spec: DatasetSpec, indices: 
 def build_eval_sets(config: BaseConfig, train: RawSplit, test: RawSplit, spec: DatasetSpec,
                     val_idx: np.ndarray, with_proxy: bool) -> EvalSets:
     """Test set, backdoor test sets (full trigger) and, when asked, the 256-sample proxy set."""
-    test_x = preprocess(test.x, spec)
-    test_y = torch.as_tensor(test.y, dtype=torch.int64)
+    rows = np.arange(len(test.y))
+    if config.eval.test_samples is not None and config.eval.test_samples < rows.size:
+        rows = np.sort(seeding.numpy_rng(config.seed, seeding.SPLIT, 2).permutation(rows.size)[: config.eval.test_samples])
+    test_x = preprocess(test.x[rows], spec)
+    test_y = torch.as_tensor(test.y[rows], dtype=torch.int64)
     mask = trigger_mask(config.trigger.pattern)[: spec.channels]
     triggered = apply_trigger(test_x, mask, config.trigger.value)
     target = config.attack.target_label

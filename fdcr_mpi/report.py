@@ -11,6 +11,7 @@ dataset, beta and attacker ratio match a row of the paper's Table 4 (``table4.cs
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import os
@@ -77,6 +78,14 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+@functools.cache
+def defaults() -> dict[str, Any]:
+    """The default config, flattened (the paper's setting)."""
+    from fdcr_mpi.config import load_config
+
+    return flatten(load_config(None).model_dump(mode="json"))
+
+
 def find_run_files(dirs: Iterable[Path]) -> list[Path]:
     """Every run.h5 in or below each DIR (a run directory or a sweep's out root), sorted."""
     found: list[Path] = []
@@ -114,7 +123,7 @@ def load_record(path: Path) -> RunRecord:
     except OSError as exc:
         raise UserError(f"could not read {path}: {exc}") from None
     decode = (lambda v: v.decode() if isinstance(v, bytes) else str(v))
-    config = flatten(yaml.safe_load(decode(text)) or {})
+    config = {**defaults(), **flatten(yaml.safe_load(decode(text)) or {})}  # keys newer than the file: defaults
     rounds = read_rounds(path)
     last = final_window(config)
     final = {m: final_figure(rounds[m], last) if m in rounds else math.nan for m in METRICS}
@@ -149,14 +158,12 @@ def varying_keys(records: Sequence[RunRecord]) -> list[str]:
 
 def shared_setting(records: Sequence[RunRecord]) -> dict[str, Any]:
     """Config values shared by every run that differ from the defaults (the paper's setting)."""
-    from fdcr_mpi.config import load_config
-
-    defaults = flatten(load_config(None).model_dump(mode="json"))
+    default = defaults()
     varying = set(varying_keys(records))
     first = records[0].config
     shown = {ROW_KEY, TABLE_KEY, *COLUMN_KEYS}  # already in the tables' titles
     return {k: v for k, v in first.items()
-            if k not in varying and k not in shown and not _ignored(k) and k in defaults and defaults[k] != v}
+            if k not in varying and k not in shown and not _ignored(k) and k in default and default[k] != v}
 
 
 def sort_value(key: str, value: Any) -> tuple:
