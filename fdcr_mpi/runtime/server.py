@@ -22,9 +22,9 @@ from fdcr_mpi.models import build_model
 from fdcr_mpi.quarantine import defend_with_quarantine
 from fdcr_mpi.runtime.devices import host_buffer
 from fdcr_mpi.runtime.transport import client_blocks
-from fdcr_mpi.runtime.worker import META, ROUND, STOP, ClientRunner, SendBlocks, send_rows
+from fdcr_mpi.runtime.worker import META, ROUND, STOP, ClientRunner, SendBlocks, gather_blocks
 
-PHASES = ("broadcast", "train", "fisher", "wait", "gather", "defend", "evaluate", "write", "round")
+PHASES = ("broadcast", "clients", "wait", "gather", "train", "fisher", "defend", "evaluate", "write", "round")
 
 
 def weights_sha256(weights: np.ndarray | torch.Tensor) -> str:
@@ -113,9 +113,11 @@ class Server:
         self.transport.broadcast(flat)
         lap("broadcast")
         own = self.runner.run_round(weights.to(self.device), t)
-        send_rows(self.transport, own, self.recv, exp.num_clients)
-        lap("wait")
-        seconds["gather"] = 0.0  # folded into wait when the rows are local
+        lap("clients")  # the clients hosted here: all of them in one process, none under MPI
+        self.transport.wait_quietly()
+        lap("wait")  # for the busiest client rank
+        gather_blocks(self.transport, own, self.recv, exp.num_clients)
+        lap("gather")
         result, quarantined = self.defend(t, weights)
         lap("defend")
         new_weights = result.weights.detach().to(torch.float32).cpu()

@@ -131,12 +131,17 @@ def worker_loop(transport, runner: ClientRunner, num_clients: int) -> None:
             return
         transport.broadcast(weights)
         blocks = runner.run_round(torch.from_numpy(weights).to(runner.device), int(header[0]))
-        send_rows(transport, blocks, None, num_clients)
+        send_rows(transport, blocks, num_clients)
 
 
-def send_rows(transport, blocks: SendBlocks, recv: SendBlocks | None, num_clients: int) -> None:
-    """The three Gatherv of a round (ARCHITECTURE step 3); ``recv`` is the server's (K, ...) blocks."""
+def send_rows(transport, blocks: SendBlocks, num_clients: int) -> None:
+    """A client rank's side of step 3: wait quietly for every rank, then the gathers."""
     transport.wait_quietly()
+    gather_blocks(transport, blocks, None, num_clients)
+
+
+def gather_blocks(transport, blocks: SendBlocks, recv: SendBlocks | None, num_clients: int) -> None:
+    """The Gatherv of weights, Fisher and metadata (ARCHITECTURE step 3); ``recv``: rank 0's (K, ...) blocks."""
     transport.gather_rows(blocks.weights, recv.weights if recv else None, num_clients)
     if blocks.fisher is not None:
         transport.gather_rows(blocks.fisher, recv.fisher if recv else None, num_clients)
