@@ -12,14 +12,13 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from fdcr_mpi.defenses import available
-from fdcr_mpi.store import read_rounds
+from fdcr_mpi.store import read_rounds, read_summary
 
 SETTING = ["data.dataset=mnist", "data.beta=0.5", "attack.malicious_ratio=0.3", "data.train_samples=5000",
            "rounds=10", "train.local_epochs=8", "eval.test_samples=2000", "runtime.threads=1"]
@@ -52,15 +51,21 @@ def run_one(name: str, attack: str, root: Path, data_root: str) -> dict:
     out = root / f"{name}__{attack}"
     args = [sys.executable, "-m", "fdcr_mpi", "run", *SETTING, *ATTACKS[attack], f"defense.name={name}",
             f"data.root={data_root}", "--quiet", "--out", str(out)]
-    start = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True, timeout=3600)
-    seconds = time.perf_counter() - start
     if done.returncode != 0:
         return {"defense": name, "attack": attack, "error": done.stderr.strip().splitlines()[-1:]}
-    rounds = read_rounds(out / "run.h5")
+    return collect_one(name, attack, root)
+
+
+def collect_one(name: str, attack: str, root: Path) -> dict | None:
+    """The figures of a finished run (None when it has not finished)."""
+    path = root / f"{name}__{attack}" / "run.h5"
+    if not path.is_file() or read_summary(path).get("status") != "complete":
+        return None
+    rounds = read_rounds(path)
     last = lambda key: float(np.nanmean(rounds[key][-5:]))  # noqa: E731
     return {"defense": name, "attack": attack, "A": last("A"), "R": last("R"), "V": last("V"),
-            "tpr": last("tpr"), "fpr": last("fpr"), "seconds": seconds}
+            "tpr": last("tpr"), "fpr": last("fpr"), "seconds": float(np.nansum(rounds["seconds_round"]))}
 
 
 def markdown(results: list[dict]) -> str:
@@ -89,10 +94,16 @@ def main() -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/defense_matrix"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("-j", "--jobs", type=int, default=2)
+    parser.add_argument("--collect", action="store_true", help="only tabulate the runs already finished")
+    parser.add_argument("--only", nargs="*", help="run only these defenses (the table still lists all)")
     args = parser.parse_args()
     todo = pairs()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda p: run_one(*p, args.runs, args.data_root), todo))
+    if args.only:
+        todo = [p for p in todo if p[0] in args.only]
+    if not args.collect:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda p: run_one(*p, args.runs, args.data_root), todo))
+    results = [r for r in (collect_one(*p, args.runs) for p in pairs()) if r is not None]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "defense_matrix.json").write_text(json.dumps({"setting": SETTING, "results": results}, indent=1))
     header = ("# Every defense against every attack\n\nMNIST (real files), 5,000 training samples over 10 clients "

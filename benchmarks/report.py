@@ -68,6 +68,8 @@ def markdown(meta: dict, figures: list[Figure], details: dict) -> str:
         "Each row gives the 1-minute load when it was measured and its thread count; "
         "compare ratios taken in one run, not absolute numbers across runs.",
         "",
+        threads_line(meta.get("threads", {})),
+        "",
         "| Figure | Value | Unit | Target | Result | Threads | Load | Notes |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -77,6 +79,15 @@ def markdown(meta: dict, figures: list[Figure], details: dict) -> str:
     lines += phase_table(details.get("rounds", {}), details.get("paper", {}))
     lines += ["", "## Notes", ""] + [f"- {note}" for note in meta.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def threads_line(threads: dict) -> str:
+    """Which thread counts each section used."""
+    if not threads:
+        return ""
+    return (f"Threads: in-process benchmarks {threads.get('local')}, whole runs {threads.get('runs')} "
+            f"(one_tN = one process with runtime.threads=N, mpi3_t1 = mpiexec -n 3 with 1 thread per rank), "
+            f"paper round {threads.get('paper')}; OMP_NUM_THREADS matches runtime.threads in every subprocess.")
 
 
 def phase_table(rounds: dict, paper: dict) -> list[str]:

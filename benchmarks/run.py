@@ -16,7 +16,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.common import REPO, Figure, has_mpiexec, load1, say, shared_data_root
@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--paper-epochs", type=int, choices=range(1, 11), metavar="1..10",
                    help="local epochs of the measured paper round (fewer than 10 are extrapolated "
                    "to 10 and reported as such)")
+    p.add_argument("--threads", type=int, nargs="+", metavar="N",
+                   help="thread counts of the in-process and paper-round benchmarks (default: 1 2 in "
+                   "full mode, 1 in quick mode; on a busy machine 2 threads measure the contention)")
     return p.parse_args(argv)
 
 
@@ -141,8 +144,12 @@ def notes(plan: Plan, root: Path | None, errors: dict[str, str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.threads:
+        plan = replace(plan, local=replace(plan.local, threads=tuple(args.threads)), paper_threads=tuple(args.threads))
     root = shared_data_root()
     meta = machine_meta(plan, root)
+    meta["threads"] = {"local": list(plan.local.threads), "runs": list(plan.round_launches),
+                       "paper": list(plan.paper_threads)}
     started = time.perf_counter()
     figures: list[Figure] = []
     details: dict = {}

@@ -109,6 +109,11 @@ def final_window(config: Mapping[str, Any]) -> int:
     return int(config.get("eval.final_rounds") or 5)
 
 
+def _text(value: Any) -> str:
+    """An HDF5 string attribute as str (h5py may give bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def load_record(path: Path) -> RunRecord:
     """Read one run file: config, status, every round column, ground truth, final A/R/V."""
     from fdcr_mpi.checkpoint import open_h5
@@ -122,12 +127,11 @@ def load_record(path: Path) -> RunRecord:
             malicious = f["clients/malicious"][()] if "clients/malicious" in f else np.zeros(0, bool)
     except OSError as exc:
         raise UserError(f"could not read {path}: {exc}") from None
-    decode = (lambda v: v.decode() if isinstance(v, bytes) else str(v))
-    config = {**defaults(), **flatten(yaml.safe_load(decode(text)) or {})}  # keys newer than the file: defaults
+    config = {**defaults(), **flatten(yaml.safe_load(_text(text)) or {})}  # keys newer than the file: defaults
     rounds = read_rounds(path)
     last = final_window(config)
     final = {m: final_figure(rounds[m], last) if m in rounds else math.nan for m in METRICS}
-    return RunRecord(Path(path), decode(status), config, rounds, np.asarray(malicious, bool), final)
+    return RunRecord(Path(path), _text(status), config, rounds, np.asarray(malicious, bool), final)
 
 
 def load_records(dirs: Iterable[Path], partial: bool = False) -> tuple[list[RunRecord], list[RunRecord]]:

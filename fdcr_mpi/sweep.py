@@ -285,8 +285,12 @@ def stored_state(out: Path) -> tuple[str, str | None]:
             status, stored = f.attrs.get("status", "running"), f.attrs.get("config_hash")
     except OSError:
         return "unreadable", None
-    decode = (lambda v: v.decode() if isinstance(v, bytes) else v)
-    return str(decode(status)), None if stored is None else str(decode(stored))
+    return _text(status), None if stored is None else _text(stored)
+
+
+def _text(value: Any) -> str:
+    """An HDF5 string attribute as str (h5py may give bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def states(sweep: Sweep) -> list[str]:
@@ -467,8 +471,15 @@ def run_local(sweep: Sweep, *, jobs: int, ranks: int = 1, data_root: str | None 
 
 
 def _progress(console: Any) -> Any:
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                     MofNCompleteColumn(), TextColumn("runs"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -611,19 +622,18 @@ def write_job(sweep: Sweep, options: SlurmOptions, *, script: Path | None = None
     """Write the array script for the runs still to do; (script or None, its runs, a message)."""
     run_states = states(sweep)
     check_no_conflicts(sweep, run_states)
-    todo = pending(sweep, run_states)
+    unfinished = pending(sweep, run_states)
     queued = queued_indices(sweep) if skip_queued else set()
-    todo = [r for r in todo if r.index not in queued]
-    done = len(sweep.runs) - len(pending(sweep, run_states))
-    summary = f"{len(sweep.runs)} runs: {done} complete"
+    todo = [r for r in unfinished if r.index not in queued]
+    summary = f"{len(sweep.runs)} runs: {len(sweep.runs) - len(unfinished)} complete"
     if queued:
         summary += f", {len(queued)} already queued or running"
     if not todo:
         return None, [], f"{summary}; nothing to submit"
     script = script or sweep.root / "slurm" / f"{sweep.name}.sbatch"
     text = render_script(sweep, [r.index for r in todo], options, data_root=data_root, template=template)
-    script.parent.mkdir(parents=True, exist_ok=True)
-    (sweep.root / "slurm").mkdir(parents=True, exist_ok=True)
+    for folder in (script.parent, sweep.root / "slurm"):  # the script's, and the logs' (SLURM won't create it)
+        folder.mkdir(parents=True, exist_ok=True)
     script.write_text(text)
     script.chmod(0o755)
     return script, todo, f"{summary}, {len(todo)} to run: wrote {script} (array {array_ranges(r.index for r in todo)})"

@@ -339,7 +339,8 @@ def test_crfl_clips_the_norm_and_adds_noise_except_in_the_last_round() -> None:
     u[1] *= 3.0
     sizes = np.array([1.0, 3.0])
     last = make_inputs(u, sizes=sizes, trainable=trainable, round=9, total_rounds=10)
-    res = CRFL().aggregate(last)  # bound = min(15, 0.1 * 9 + 2) = 2.9
+    crfl_code_schedule = {"clip_bound": 15.0, "bound_slope": 0.1, "bound_bias": 2.0}
+    res = CRFL(**crfl_code_schedule).aggregate(last)  # bound = min(15, 0.1 * 9 + 2) = 2.9
     avg = weighted_mean(real_updates(last), sizes)
     assert res.diagnostics["bound"] == pytest.approx(2.9) and not res.diagnostics["noised"]
     assert np.linalg.norm(res.weights.numpy()[:d]) == pytest.approx(2.9, rel=1e-5)
@@ -347,13 +348,13 @@ def test_crfl_clips_the_norm_and_adds_noise_except_in_the_last_round() -> None:
     np.testing.assert_allclose(res.weights.numpy()[d:], avg[d:], rtol=1e-6)  # buffers: FedAvg
 
     early = make_inputs(u, sizes=sizes, trainable=trainable, round=3, total_rounds=10)
-    noisy = CRFL().aggregate(early)
+    noisy = CRFL(**crfl_code_schedule).aggregate(early)
     clipped = avg[:d] * 2.3 / np.linalg.norm(avg[:d])
     noise = noisy.weights.numpy()[:d] - clipped
     assert noisy.diagnostics["noised"]
     assert abs(noise.mean()) < 1e-4 and noise.std() == pytest.approx(0.01, rel=0.02)
     np.testing.assert_allclose(noisy.weights.numpy()[d:], avg[d:], rtol=1e-6)
-    assert torch.equal(noisy.weights, CRFL().aggregate(early).weights)  # seeded by (seed, round)
+    assert torch.equal(noisy.weights, CRFL(**crfl_code_schedule).aggregate(early).weights)  # seeded by (seed, round)
     assert not torch.equal(noisy.weights, CRFL(seed=1).aggregate(early).weights)
 
     small = make_inputs(np.full((2, 4), 0.1), round=0, total_rounds=1)

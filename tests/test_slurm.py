@@ -215,19 +215,20 @@ def rounds_done(out: Path) -> int:
         return 0
 
 
-def task_state(cluster: Cluster, job: str) -> dict[int, str]:
-    """Array index -> SLURM state of the job's tasks still known to squeue."""
-    out = cluster.tool("squeue", "-h", "-r", "-j", job, "-o", "%K %T", check=False, timeout=20).stdout
-    return {int(i): s for i, s in (line.split() for line in out.splitlines() if line.strip()) if i.isdigit()}
+def tasks(cluster: Cluster, job: str) -> dict[int, tuple[str, str]]:
+    """Array index -> (SLURM state, job id of the task) for the tasks squeue still knows."""
+    out = cluster.tool("squeue", "-h", "-r", "-j", job, "-o", "%K %T %A", check=False, timeout=20).stdout
+    rows = (line.split() for line in out.splitlines() if line.strip())
+    return {int(i): (state, job_id) for i, state, job_id in rows if i.isdigit()}
 
 
-def pick_running(cluster: Cluster, job: str, sweep, total: int, exclude: set[int]) -> int | None:
-    """A task that is running and has finished at least one round, but not the last."""
-    running = [i for i, s in task_state(cluster, job).items() if s == "RUNNING" and i not in exclude]
-    for index in running:
+def pick_running(cluster: Cluster, job: str, sweep, total: int, exclude: set[int]) -> tuple[int, str] | None:
+    """(index, job id) of a task that is running with at least one round done and three to go."""
+    for index, (state, job_id) in tasks(cluster, job).items():
         out = sweep.runs[index].out
-        if stored_state(out)[0] == "running" and 1 <= rounds_done(out) <= total - 2:
-            return index
+        if state == "RUNNING" and index not in exclude and stored_state(out)[0] == "running" \
+                and 1 <= rounds_done(out) <= total - 3:
+            return index, job_id
     return None
 
 
@@ -243,19 +244,21 @@ def test_a_sweep_array_under_slurm_survives_a_requeue_and_a_preemption(slurm: Cl
 
     def diagnose() -> str:
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((root / "slurm").glob("*.out")))
-        return f"squeue: {task_state(slurm, job)}\n{logs}\n{slurm.logs()}"
+        return f"squeue: {tasks(slurm, job)}\n{logs}\n{slurm.logs()}"
 
-    requeued = wait_for("a task in the middle of its run", lambda: pick_running(slurm, job, sweep, total, set()),
-                        300, interval=0.2, diagnose=diagnose)
-    slurm.tool("scontrol", "requeue", f"{job}_{requeued}")
-    preempted = wait_for("a second task in the middle of its run",
-                         lambda: pick_running(slurm, job, sweep, total, {requeued}), 300, interval=0.2,
-                         diagnose=diagnose)
-    slurm.tool("scancel", "--signal=USR1", f"{job}_{preempted}")
+    # Preempt one task (SIGUSR1 to its ranks, as before a time limit), and requeue another.
+    preempted, job_id = wait_for("a task in the middle of its run",
+                                 lambda: pick_running(slurm, job, sweep, total, set()), 300, interval=0.2,
+                                 diagnose=diagnose)
+    slurm.tool("scancel", "--signal=USR1", f"{job_id}.0")  # to the srun step (the array task is refused)
+    requeued, job_id = wait_for("a second task in the middle of its run",
+                                lambda: pick_running(slurm, job, sweep, total, {preempted}), 300, interval=0.2,
+                                diagnose=diagnose)
+    slurm.tool("scontrol", "requeue", job_id)
 
     def finished() -> bool:
         complete = all(stored_state(r.out)[0] == "complete" for r in sweep.runs)
-        return complete and not task_state(slurm, job)
+        return complete and not tasks(slurm, job)
 
     wait_for("every run of the array to complete", finished, 600, interval=2, diagnose=diagnose)
 
