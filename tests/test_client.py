@@ -164,3 +164,13 @@ def test_layer_fisher_matches_the_loop_with_batchnorm_and_strides() -> None:
     reference = per_sample_fisher_loop(model, data.inputs(idx, SPEC, None), data.y)
     torch.testing.assert_close(ours[: model.num_params], reference, rtol=1e-4, atol=1e-10)
     assert bool((ours[model.num_params:] == 0).all())  # buffers carry no Fisher
+
+
+def test_resnet18_flat_vector_holds_batchnorm_statistics_as_non_trainable_entries() -> None:
+    model = build_model("resnet18", 0)
+    buffers = sum(b.numel() for b in model.module.buffers() if b.is_floating_point())
+    assert model.num_params == sum(p.numel() for p in model.module.parameters())
+    assert model.size == model.num_params + buffers and int((~model.trainable).sum()) == buffers
+    bn = model.module.bn1
+    model.flat[model.num_params:] = 7.0
+    assert bool((bn.running_var == 7.0).all())  # the buffers are views of the flat vector

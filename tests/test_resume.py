@@ -133,3 +133,16 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Pa
     result = launch(args, None)
     assert final_sha(result) == reference
     assert "corrupt" in result.stderr.lower() or "skipp" in result.stderr.lower(), result.stderr
+
+
+def test_inspect_and_saved_weights(tmp_path: Path) -> None:
+    digest = final_sha(launch(["run", *TINY, "rounds=3", "runtime.save_weights_every=1", "--quiet",
+                               "--out", str(tmp_path)], None))
+    shown = subprocess.run([str(FDCR), "inspect", str(tmp_path)], capture_output=True, text=True, timeout=120, env=env())
+    assert shown.returncode == 0 and digest in shown.stdout and "complete" in shown.stdout
+    with h5py.File(tmp_path / "run.h5") as f:
+        weights = f["global/weights"][:]
+        assert weights.shape == (3, 92_626) and f["global/round"][:].tolist() == [0, 1, 2]
+        import hashlib
+
+        assert hashlib.sha256(weights[-1].astype("<f4").tobytes()).hexdigest() == digest
