@@ -109,11 +109,12 @@ def phase_table(rounds: dict, paper: dict) -> list[str]:
     if not rows:
         return []
     lines = ["", "## Seconds per phase of a round", "",
-             "`train`/`fisher` are the busiest rank's sums; in one process `wait` contains them and "
-             "`gather` is 0; under MPI `wait` holds the clients' compute and the gather.", "",
+             "`train`/`fisher` are the busiest rank's sums; `clients` is the clients trained on rank 0 "
+             "(all of them in one process, none under MPI); `wait` is rank 0 waiting for the busiest "
+             "client rank; `gather` the Gatherv of the rows.", "",
              "| Run | Launch | " + " | ".join(PHASES) + " | overhead |",
              "|---|---|" + "---|" * (len(PHASES) + 1)]
     for name, run in rows:
-        cells = " | ".join(fmt(run["phases"][p]) for p in PHASES)
+        cells = " | ".join(fmt(run["phases"].get(p)) for p in PHASES)
         lines.append(f"| {name} | {run['label']} | {cells} | {fmt(run.get('overhead_fraction'))} |")
     return lines

@@ -18,9 +18,9 @@ import numpy as np
 
 from benchmarks.common import MPIEXEC, Figure, has_mpiexec, load1, median, run_bounded, say
 from benchmarks.rank_entry import read_peaks
+from fdcr_mpi.runtime.server import PHASES
 from fdcr_mpi.store import read_rounds
 
-PHASES = ("broadcast", "train", "fisher", "wait", "gather", "defend", "evaluate", "write", "round")
 FMNIST_TRAIN = 54_000  # Fashion-MNIST's 60,000 training images less the 10% validation split
 PAPER_ROUND_SECONDS = 139.0  # the reference time of one Fashion-MNIST round (issue #7)
 
@@ -90,12 +90,13 @@ def phase_summary(path: Path) -> dict:
     rounds = read_rounds(path)
     n = len(rounds["seconds_round"])
     keep = slice(1, None) if n > 1 else slice(None)
-    columns = {p: np.asarray(rounds[f"seconds_{p}"], dtype=np.float64)[keep] for p in PHASES}
+    columns = {p: np.asarray(rounds[f"seconds_{p}"], dtype=np.float64)[keep] for p in PHASES
+               if f"seconds_{p}" in rounds}
     compute = columns["train"] + columns["fisher"]
     with h5py.File(path, "r") as f:
         samples = int(f["clients/sizes"][()].sum())
     return {"rounds_measured": int(columns["round"].size),
-            "phases": {p: median(columns[p].tolist()) for p in PHASES},
+            "phases": {p: median(values.tolist()) for p, values in columns.items()},
             "overhead_fraction": median(((columns["round"] - compute) / columns["round"]).tolist()),
             "overhead_fraction_train_only": median(((columns["round"] - columns["train"]) / columns["round"]).tolist()),
             "client_samples": samples}
@@ -210,7 +211,10 @@ def extrapolate(phases: dict[str, float], epochs: int, data_scale: float) -> tup
     train_scale = data_scale * 10 / max(epochs, 1)
     train, fisher = phases["train"] * train_scale, phases["fisher"] * data_scale
     estimate = dict(phases, train=train, fisher=fisher)
-    estimate["round"] = phases["round"] - phases["train"] - phases["fisher"] + train + fisher
+    added = train + fisher - phases["train"] - phases["fisher"]
+    estimate["round"] = phases["round"] + added
+    if "clients" in phases:  # one process: rank 0 trains every client
+        estimate["clients"] = phases["clients"] + added
     how = (f"EXTRAPOLATED from {epochs} local epoch(s) on 1/{data_scale:.0f} of the data "
            f"(train x{train_scale:.0f}, Fisher x{data_scale:.0f}, other phases as measured)")
     return estimate, how

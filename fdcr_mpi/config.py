@@ -234,9 +234,18 @@ def from_yaml(text: str) -> BaseConfig:
 
 
 def config_hash(config: BaseConfig) -> str:
-    """sha256 of everything that decides the results: the config without ``runtime`` and data paths."""
+    """sha256 of everything that decides the results.
+
+    Left out: ``runtime``, the data paths, and the option sections of the defenses this run
+    does not use (changing another defense's defaults must not orphan a finished run).
+    """
+    from fdcr_mpi.defenses import available
+
     data = config.model_dump(mode="json")
     data.pop("runtime", None)
+    for name in available():
+        if name != config.defense.name:
+            data.pop(name, None)
     data["data"].pop("root", None)
     data["data"].pop("download", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

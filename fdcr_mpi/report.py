@@ -86,6 +86,20 @@ def defaults() -> dict[str, Any]:
     return flatten(load_config(None).model_dump(mode="json"))
 
 
+@functools.cache
+def defense_names() -> frozenset[str]:
+    from fdcr_mpi.defenses import available
+
+    return frozenset(available())
+
+
+def own_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without the option sections of the defenses this run does not use."""
+    mine = config.get(ROW_KEY)
+    return {k: v for k, v in config.items()
+            if not ("." in k and k.split(".")[0] in defense_names() and k.split(".")[0] != mine)}
+
+
 def find_run_files(dirs: Iterable[Path]) -> list[Path]:
     """Every run.h5 in or below each DIR (a run directory or a sweep's out root), sorted."""
     found: list[Path] = []
@@ -127,7 +141,7 @@ def load_record(path: Path) -> RunRecord:
             malicious = f["clients/malicious"][()] if "clients/malicious" in f else np.zeros(0, bool)
     except OSError as exc:
         raise UserError(f"could not read {path}: {exc}") from None
-    config = {**defaults(), **flatten(yaml.safe_load(_text(text)) or {})}  # keys newer than the file: defaults
+    config = own_options({**defaults(), **flatten(yaml.safe_load(_text(text)) or {})})  # newer keys: defaults
     rounds = read_rounds(path)
     last = final_window(config)
     final = {m: final_figure(rounds[m], last) if m in rounds else math.nan for m in METRICS}
@@ -152,22 +166,27 @@ def _ignored(key: str) -> bool:
     return key == SEED_KEY or key.startswith(IGNORED)
 
 
+def _values(records: Sequence[RunRecord], key: str) -> set[str]:
+    """The distinct values of ``key`` among the runs that have it (a defense's options: its runs)."""
+    return {repr(r.config[key]) for r in records if key in r.config}
+
+
 def varying_keys(records: Sequence[RunRecord]) -> list[str]:
     """Config keys (not seed, runtime or paths) whose value differs between runs, in config order."""
     keys: dict[str, None] = {}
     for r in records:
         keys.update(dict.fromkeys(r.config))
-    return [k for k in keys if not _ignored(k) and len({repr(r.config.get(k)) for r in records}) > 1]
+    return [k for k in keys if not _ignored(k) and len(_values(records, k)) > 1]
 
 
 def shared_setting(records: Sequence[RunRecord]) -> dict[str, Any]:
-    """Config values shared by every run that differ from the defaults (the paper's setting)."""
+    """Config values common to every run that differ from the defaults (the paper's setting)."""
     default = defaults()
-    varying = set(varying_keys(records))
-    first = records[0].config
     shown = {ROW_KEY, TABLE_KEY, *COLUMN_KEYS}  # already in the tables' titles
+    first = records[0].config
     return {k: v for k, v in first.items()
-            if k not in varying and k not in shown and not _ignored(k) and k in default and default[k] != v}
+            if k not in shown and not _ignored(k) and k in default and default[k] != v
+            and all(k in r.config for r in records) and len(_values(records, k)) == 1}
 
 
 def sort_value(key: str, value: Any) -> tuple:

@@ -34,6 +34,9 @@ def test_yaml_round_trip_and_hash() -> None:
     assert again.model_dump() == c.model_dump() and config_hash(again) == config_hash(c)
     assert config_hash(load_config(None, ["runtime.threads=1", "data.root=/x"])) == config_hash(load_config(None))
     assert config_hash(load_config(None, ["seed=1"])) != config_hash(load_config(None))
+    # Only the selected defense's options count.
+    assert config_hash(load_config(None, ["crfl.sigma=0.5"])) == config_hash(load_config(None))
+    assert config_hash(load_config(None, ["fdcr.discrepancy=l2"])) != config_hash(load_config(None))
 
 
 @pytest.mark.parametrize(("overrides", "words"), [

@@ -373,3 +373,13 @@ def test_local_runner_runs_every_run_skips_complete_ones_and_reports_failures(tm
     assert failed.returncode == 1, failed.stderr
     assert "1 of 2 runs failed" in failed.stderr and "[1] mnist: exit code 2" in failed.stderr
     assert "mnist.log" in failed.stderr and (tmp_path / "bad" / "logs" / "mnist.log").stat().st_size > 0
+
+
+def test_options_of_other_defenses_do_not_split_the_table(tmp_path: Path) -> None:
+    """A run file written when another defense had other defaults still lands in the same cell."""
+    base = ["data.dataset=fmnist", "defense.name=fedavg", "rounds=5"]
+    fake_run(tmp_path / "s0", [*base, "seed=0"], a=[1, 2, 3, 4, 5], r=[5, 4, 3, 2, 1])
+    fake_run(tmp_path / "s1", [*base, "seed=1", "crfl.clip_bound=3.0"], a=[1, 2, 3, 4, 5], r=[5, 4, 3, 2, 1])
+    report = build_report([tmp_path], reference=None)
+    assert [c.n for c in report.layout.cells.values()] == [2]
+    assert "crfl" not in markdown(report)

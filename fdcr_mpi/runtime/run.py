@@ -24,7 +24,7 @@ from fdcr_mpi.defenses.base import Defense
 from fdcr_mpi.errors import Preempted, UserError
 from fdcr_mpi.experiment import Experiment, build_experiment
 from fdcr_mpi.runtime.devices import default_threads, select_device
-from fdcr_mpi.runtime.server import Server, weights_sha256
+from fdcr_mpi.runtime.server import Server, StopFlag, weights_sha256
 from fdcr_mpi.runtime.transport import client_blocks, fail_job, make_transport
 from fdcr_mpi.runtime.worker import ClientRunner, worker_loop
 from fdcr_mpi.store import RunFile
@@ -152,6 +152,11 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
             quiet: bool = False) -> int:
     """Run (or resume) the experiment on every rank; returns the process exit code."""
     transport = make_transport(transport_kind)
+    stop = StopFlag()
+    if transport.is_server:
+        stop.install()  # from the start: a SIGTERM/SIGUSR1 during setup stops before round 1
+    else:
+        ignore_stop_signals()  # the server decides when to stop and tells every rank
     setup_error: str | None = None
     lock = None
     try:
@@ -178,7 +183,6 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
         raise UserError(setup_error)
 
     if not transport.is_server:
-        ignore_stop_signals()  # the server decides when to stop and tells every rank
         try:
             worker_loop(transport, runner, config.data.num_clients)
         except BaseException as exc:  # noqa: BLE001 - any failure must end the whole job
@@ -203,8 +207,7 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
                   + (f", resuming at round {start + 1}" if start else ""), flush=True)
             if transport.size > 1:
                 print("clients by rank: " + placement(identities, config.data.num_clients), flush=True)
-        server.stop.install()
-        recorder.stop = server.stop
+        server.stop = recorder.stop = stop
         weights = server.run(start, weights)
         rounds_done = recorder.run_file.rounds_done()
         done = rounds_done >= config.rounds

@@ -86,9 +86,9 @@ class Server:
         cfg = self.exp.config
         header = np.zeros(2, dtype=np.int64)
         for t in range(start_round, cfg.rounds):
-            weights = self.round(t, weights, header)
-            if self.stop.signum is not None and t + 1 < cfg.rounds:
+            if self.stop.signum is not None:
                 break
+            weights = self.round(t, weights, header)
         header[:] = (cfg.rounds, STOP)
         self.transport.wait_quietly()
         self.transport.broadcast(header)
