@@ -43,11 +43,11 @@ class Plan:
     paper_timeout: float
 
 
-QUICK = Plan("quick", LocalSizes(samples=1024, throughput_epochs=1, repeats=3, fisher_repeats=1, threads=(1,)),
+QUICK = Plan("quick", LocalSizes(samples=1024, throughput_epochs=1, repeats=9, fisher_repeats=1, threads=(1,)),
              comm_repeats=30, comm_timeout=120, round_epochs=2, round_rounds=2, round_timeout=180,
              round_launches=("one_t1", "mpi3_t1"), paper_epochs=1, paper_train_samples=5400,
              paper_threads=(1,), paper_timeout=300)
-FULL = Plan("full", LocalSizes(samples=5400, throughput_epochs=1, repeats=7, fisher_repeats=3, threads=(1, 2)),
+FULL = Plan("full", LocalSizes(samples=5400, throughput_epochs=1, repeats=9, fisher_repeats=3, threads=(1, 2)),
             comm_repeats=200, comm_timeout=300, round_epochs=5, round_rounds=3, round_timeout=900,
             round_launches=("one_t1", "mpi3_t1", "one_t2"), paper_epochs=10, paper_train_samples=None,
             paper_threads=(1, 2), paper_timeout=1800)

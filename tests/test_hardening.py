@@ -91,9 +91,10 @@ def test_a_faulty_client_is_quarantined_and_the_run_goes_on(tmp_path: Path, kind
 @requires_mpi
 @pytest.mark.parametrize("how", ["killed", "exits"])
 def test_a_dying_client_rank_ends_the_job_quickly_and_the_checkpoint_stays_valid(tmp_path: Path, how: str) -> None:
-    reference = final_sha(launch(["run", *TINY, "--quiet", "--out", str(tmp_path / "reference")], None))
+    long = [*TINY, "rounds=20"]  # long enough that the run cannot finish before the kill lands
+    reference = final_sha(launch(["run", *long, "--quiet", "--out", str(tmp_path / "reference")], None))
     out = tmp_path / "run"
-    args = ["run", *TINY, "rounds=4", "--out", str(out)]
+    args = ["run", *long, "--out", str(out)]
     if how == "exits":
         args += ["runtime.fault.kind=exit", "runtime.fault.rank=2", "runtime.fault.round=2"]
     proc = subprocess.Popen([str(MPIEXEC), "-n", "3", str(FDCR), *args], stdout=subprocess.PIPE,
@@ -131,14 +132,15 @@ def test_a_dying_client_rank_ends_the_job_quickly_and_the_checkpoint_stays_valid
     # The banner maps each rank to its clients and pid; mpiexec reports a bad termination by pid.
     # (MPICH names the first process it saw end, which after its own clean-up is not always the
     # rank that died first: a SIGKILLed rank cannot name itself.)
-    banner = re.search(r"clients by rank: 1:\[0-4\] \(\S+:(\d+)\) 2:\[5-9\] \(\S+:(\d+)\)", stdout)
+    banner = re.search(r"clients by rank: 0:server \(\S+:(\d+)\) 1:\[0-4\] \(\S+:(\d+)\) "
+                       r"2:\[5-9\] \(\S+:(\d+)\)", stdout)
     assert banner, stdout
     reported = re.search(r"PID (\d+) RUNNING AT", report)
     assert "BAD TERMINATION" in report and reported, report[-2000:]
     assert reported.group(1) in banner.groups()
     checkpoint = load_latest_checkpoint(out, _hash_of(out))
     assert checkpoint is not None and checkpoint.round >= 1
-    resumed = launch(["run", *TINY, "--quiet", "--out", str(out)], 2)
+    resumed = launch(["run", *long, "--quiet", "--out", str(out)], 2)
     assert final_sha(resumed) == reference
 
 

@@ -119,7 +119,7 @@ def placement(identities: list[str], num_clients: int) -> str:
     When a rank dies without a word (SIGKILL, OOM), mpiexec or srun reports its pid or rank;
     this line, printed at start, tells which clients it hosted.
     """
-    parts = []
+    parts = [f"0:server ({identities[0]})"]
     for rank, ids in enumerate(client_blocks(num_clients, len(identities))):
         if ids:
             span = f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else f"{ids[0]}"
