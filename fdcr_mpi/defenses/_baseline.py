@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fdcr_mpi.defenses.base import ProxyData, RoundInputs, RoundResult
+from fdcr_mpi.defenses.fedavg import ordered_weighted_sum
 from fdcr_mpi.models import FlatModel, FlatSGD
 from fdcr_mpi.seeding import PROXY, torch_generator
 
@@ -49,14 +50,7 @@ def trainable_updates(inputs: RoundInputs) -> torch.Tensor:
 
 def combine(coef: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
     """sum_k coef_k rows_k in float32, in client order, zero coefficients skipped (on rows' device)."""
-    c = np.asarray(coef, dtype=np.float64).reshape(-1)
-    if c.size != rows.shape[0]:
-        raise ValueError(f"{c.size} coefficients for {rows.shape[0]} rows")
-    acc = torch.zeros(rows.shape[1:], dtype=torch.float32, device=rows.device)
-    for k in range(c.size):
-        if c[k] != 0.0:
-            acc += rows[k].to(torch.float32) * float(np.float32(c[k]))
-    return acc
+    return ordered_weighted_sum(coef, rows)
 
 
 def normalized(weights: np.ndarray) -> np.ndarray:

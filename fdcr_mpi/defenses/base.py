@@ -162,9 +162,3 @@ def create(name: str, **options: Any) -> Defense:
         choices = ", ".join(sorted(_REGISTRY))
         raise UserError(f"unknown defense {name!r}; choose one of: {choices}")
     return _REGISTRY[name](**options)
-
-
-def weighted_sum(alpha: torch.Tensor | np.ndarray, rows: torch.Tensor) -> torch.Tensor:
-    """sum_k alpha_k rows_k in client-id order, float32 out (deterministic on one process)."""
-    a = torch.as_tensor(np.asarray(alpha, dtype=np.float64)).to(torch.float32)
-    return (a.unsqueeze(1) * rows).sum(dim=0)
