@@ -21,8 +21,9 @@ from pathlib import Path
 
 from benchmarks.common import REPO, Figure, has_mpiexec, load1, say, shared_data_root
 from benchmarks.local import LocalSizes
+from benchmarks.scale import ScaleRun, ScaleSizes
 
-SECTIONS = ("local", "comm", "rounds", "paper")
+SECTIONS = ("local", "comm", "rounds", "paper", "scale")
 
 
 @dataclass(frozen=True)
@@ -41,16 +42,22 @@ class Plan:
     paper_train_samples: int | None
     paper_threads: tuple[int, ...]
     paper_timeout: float
+    scale: ScaleSizes
 
 
 QUICK = Plan("quick", LocalSizes(samples=1024, throughput_epochs=1, repeats=9, fisher_repeats=1, threads=(1,)),
              comm_repeats=30, comm_timeout=120, round_epochs=2, round_rounds=2, round_timeout=180,
              round_launches=("one_t1", "mpi3_t1"), paper_epochs=1, paper_train_samples=5400,
-             paper_threads=(1,), paper_timeout=300)
+             paper_threads=(1,), paper_timeout=300,
+             scale=ScaleSizes(train_samples=3000, rounds=2, timeout=300,
+                              runs=(ScaleRun(10, None, "auto"), ScaleRun(100, None, "auto"))))
 FULL = Plan("full", LocalSizes(samples=5400, throughput_epochs=1, repeats=9, fisher_repeats=3, threads=(1, 2)),
             comm_repeats=200, comm_timeout=300, round_epochs=5, round_rounds=3, round_timeout=900,
             round_launches=("one_t1", "mpi3_t1", "one_t2"), paper_epochs=10, paper_train_samples=None,
-            paper_threads=(1, 2), paper_timeout=1800)
+            paper_threads=(1, 2), paper_timeout=1800,
+            scale=ScaleSizes(train_samples=20000, rounds=3, timeout=900,
+                             runs=(ScaleRun(10, None, "auto"), ScaleRun(100, None, "auto"), ScaleRun(100, None, "gather"),
+                                   ScaleRun(1000, 100, "auto"))))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,6 +92,7 @@ def sections(plan: Plan, args: argparse.Namespace, root: Path | None,
     from benchmarks.comm import run_comm
     from benchmarks.local import run_local
     from benchmarks.rounds import paper_round, speedup_runs
+    from benchmarks.scale import run_scale
 
     epochs = args.paper_epochs or plan.paper_epochs
     return {
@@ -93,6 +101,7 @@ def sections(plan: Plan, args: argparse.Namespace, root: Path | None,
         "rounds": lambda: speedup_runs(round_sizes(plan, root), scratch),
         "paper": lambda: paper_round(root, epochs, plan.paper_train_samples, plan.paper_threads, scratch,
                                      plan.paper_timeout),
+        "scale": lambda: run_scale(plan.scale, root, scratch),
     }
 
 

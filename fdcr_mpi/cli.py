@@ -119,6 +119,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise UserError(f"{args.dir} holds no run file ({RUN_FILE})")
     print(format_summary(read_summary(path)))
+    from fdcr_mpi.runtime.sentinel import read_failure
+
+    if (failure := read_failure(args.dir)) is not None:
+        print(f"\nlast failure: {failure.removeprefix('fdcr-mpi: ')}")
     return 0
 
 

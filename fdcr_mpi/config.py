@@ -80,6 +80,9 @@ class TrainConfig(Section):
     weight_decay: float = pydantic.Field(1e-5, ge=0)
     batch_size: int = pydantic.Field(64, ge=1)
     drop_last: bool = True
+    batch_clients: int = pydantic.Field(1, ge=1)
+    """Train the clients of a rank in groups of this many ids ([jG, (j+1)G)) as one batched
+    computation (torch.func vmap); 1 trains them one after another. Groups never span ranks."""
 
 
 class FisherConfig(Section):
@@ -90,11 +93,15 @@ class FisherConfig(Section):
 
 
 class ModelConfig(Section):
-    name: Literal["simple_cnn", "resnet18"] = "simple_cnn"
+    name: Literal["simple_cnn", "cnn_1m", "resnet18"] = "simple_cnn"
 
 
 class DefenseConfig(Section):
     name: str = "fdcr"
+    path: Literal["auto", "gather", "reduce"] = "auto"
+    """How the server combines the clients: ``gather`` every (K, D) row to rank 0, or ``reduce``
+    (fedavg and fdcr only): exact integer reductions of D-vectors plus a gather of K scalars, so
+    the server's memory does not grow with K x D. ``auto``: reduce from REDUCE_FROM clients on."""
 
 
 class EvalConfig(Section):
@@ -132,6 +139,8 @@ class RuntimeConfig(Section):
 class BaseConfig(Section):
     seed: int = 0
     rounds: int = pydantic.Field(50, ge=1)
+    clients_per_round: int | None = pydantic.Field(None, ge=1)
+    """Partial participation: this many clients, drawn afresh each round (seeded); null: all."""
     data: DataConfig = DataConfig()
     attack: AttackConfig = AttackConfig()
     trigger: TriggerConfig = TriggerConfig()
@@ -200,11 +209,44 @@ def _check_consistency(config: BaseConfig) -> None:
     if config.attack.target_label >= 10:
         raise UserError(f"config key 'attack.target_label' is {config.attack.target_label}, "
                         "but the datasets have 10 classes (0-9)")
+    _check_participation(config, names[config.defense.name])
     if config.attack.kind != "none":
         attackers = int(config.attack.malicious_ratio * config.data.num_clients)
         if config.attack.malicious_ratio > 0 and attackers == 0:
             raise UserError(f"attack.malicious_ratio {config.attack.malicious_ratio} gives no attacker "
                             f"among {config.data.num_clients} clients; raise it or set attack.kind=none")
+
+
+REDUCE_FROM = 100  # defense.path auto: the reduce path from this many clients per round on
+
+
+def aggregation_path(config: BaseConfig) -> str:
+    """``gather`` or ``reduce``: ``defense.path`` with ``auto`` resolved."""
+    from fdcr_mpi.defenses import available
+
+    if config.defense.path != "auto":
+        return config.defense.path
+    reducible = available()[config.defense.name].reducible
+    return "reduce" if reducible and participants(config) >= REDUCE_FROM else "gather"
+
+
+def participants(config: BaseConfig) -> int:
+    """The number of clients that train each round."""
+    return config.clients_per_round or config.data.num_clients
+
+
+def _check_participation(config: BaseConfig, defense: type) -> None:
+    k, m = config.data.num_clients, config.clients_per_round
+    if m is not None and m > k:
+        raise UserError(f"config key 'clients_per_round' is {m}, more than the {k} clients (data.num_clients)")
+    if m is not None and m < k and defense.keeps_client_history:
+        raise UserError(f"defense {config.defense.name!r} keeps a history per client and needs every client "
+                        "every round; set clients_per_round to null")
+    if config.defense.path == "reduce" and not defense.reducible:
+        raise UserError(f"defense {config.defense.name!r} needs every client's update on the server; "
+                        "defense.path=reduce works with fedavg and fdcr only")
+    if config.train.batch_clients > 1 and config.model.name == "resnet18":
+        raise UserError("train.batch_clients > 1 needs a model without BatchNorm (simple_cnn or cnn_1m)")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> BaseConfig:

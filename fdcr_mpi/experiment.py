@@ -59,7 +59,7 @@ class Experiment:
 
     @property
     def train_settings(self) -> TrainSettings:
-        return TrainSettings(**self.config.train.model_dump())
+        return TrainSettings(**self.config.train.model_dump(exclude={"batch_clients"}))
 
 
 def client_trigger(config: BaseConfig, malicious: np.ndarray, client: int) -> torch.Tensor:

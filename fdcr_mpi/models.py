@@ -86,7 +86,29 @@ class ResNet18(nn.Module):
         return self.linear(out)
 
 
-MODELS: dict[str, Callable[[int], nn.Module]] = {"simple_cnn": SimpleCNN, "resnet18": ResNet18}
+class Cnn1M(nn.Module):
+    """A wider SimpleCNN of about 1M parameters (1,007,306), no BatchNorm: the model of the
+    scale benchmarks (issue 7), where D and K x D matter more than compute."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 5)
+        self.conv2 = nn.Conv2d(32, 64, 5)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(1600, 512)
+        self.fc2 = nn.Linear(512, 256)
+        self.classifier = nn.Linear(256, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.classifier(x)
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {"simple_cnn": SimpleCNN, "cnn_1m": Cnn1M, "resnet18": ResNet18}
 
 
 class FlatModel:

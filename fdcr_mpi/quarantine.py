@@ -35,7 +35,7 @@ def defend_with_quarantine(defense: Defense, inputs: RoundInputs) -> tuple[Round
         global_weights=inputs.global_weights, client_weights=inputs.client_weights[rows],
         sizes=inputs.sizes[rows], fisher=None if inputs.fisher is None else inputs.fisher[rows],
         trainable=inputs.trainable, lr=inputs.lr, round=inputs.round, total_rounds=inputs.total_rounds,
-        proxy=inputs.proxy)
+        proxy=inputs.proxy, client_ids=None if inputs.client_ids is None else inputs.client_ids[keep])
     return expand_result(defense.aggregate(healthy), keep, k), quarantined
 
 

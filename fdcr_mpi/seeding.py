@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 # Purposes, so that two streams with the same (seed, k, t) never coincide.
-PARTITION, MODEL_INIT, CLIENT, POISON, PROXY, DEFENSE, SPLIT, ATTACKERS = range(8)
+PARTITION, MODEL_INIT, CLIENT, POISON, PROXY, DEFENSE, SPLIT, ATTACKERS, SELECT = range(9)
 
 
 def derive_seed(seed: int, *keys: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from fdcr_mpi.defenses.bulyan import Bulyan
 from fdcr_mpi.defenses.crfl import CRFL
 from fdcr_mpi.defenses.dnc import DnC
 from fdcr_mpi.defenses.finetune import Finetuning
-from fdcr_mpi.defenses.fltrust import FLTrust
+from fdcr_mpi.defenses.fltrust import FLTrust, matching_epochs
 from fdcr_mpi.defenses.foolsgold import FoolsGold
 from fdcr_mpi.defenses.krum import MultiKrum
 from fdcr_mpi.defenses.median import TrimmedMedian
@@ -430,6 +431,20 @@ def test_fltrust_zero_weight_for_update_against_the_server_direction(proxy: Prox
 
     against = FLTrust().aggregate(make_inputs(-u[[0, 2]], w_t.numpy(), round=2, proxy=proxy))
     assert against.removed.all() and torch.equal(against.weights, w_t)  # all TS zero: keep w_t
+
+
+def test_fltrust_server_takes_about_as_many_steps_as_the_median_client(proxy: ProxyData) -> None:
+    """Default epochs: round(E * median N_k / |proxy|), here round(2 * 240 / 48) = 10."""
+    proxy = dataclasses.replace(proxy, local_epochs=2)
+    sizes = np.array([100.0, 240.0, 500.0])
+    assert matching_epochs(proxy, sizes) == 10 and matching_epochs(proxy, np.array([5.0])) == 1
+    w_t = small_weights(1)
+    u = np.random.default_rng(0).normal(size=(3, w_t.numel())).astype(np.float32) * 0.01
+    default = FLTrust().aggregate(make_inputs(u, w_t.numpy(), sizes=sizes, round=1, proxy=proxy))
+    ten = FLTrust(epochs=10).aggregate(make_inputs(u, w_t.numpy(), sizes=sizes, round=1, proxy=proxy))
+    one = FLTrust(epochs=1).aggregate(make_inputs(u, w_t.numpy(), sizes=sizes, round=1, proxy=proxy))
+    assert default.diagnostics["root_norm"] == ten.diagnostics["root_norm"] > one.diagnostics["root_norm"]
+    torch.testing.assert_close(default.weights, ten.weights, rtol=0, atol=0)
 
 
 def test_sageflow_drops_a_high_entropy_client_and_weights_by_loss(proxy: ProxyData) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from fdcr_mpi.defenses import available, create
 from fdcr_mpi.defenses.base import ProxyData, RoundInputs
 from fdcr_mpi.models import FlatModel
 from fdcr_mpi.quarantine import defend_with_quarantine
+from fdcr_mpi.runtime.sentinel import FAILURE_FILE, PREVIOUS_FAILURE_FILE, note_failure
 from tests.test_mpi import FDCR, MPIEXEC, env, final_sha, launch, requires_mpi
 
 TINY = ["data.dataset=digits", "rounds=4", "train.local_epochs=1", "runtime.threads=1", "fisher.max_samples=32"]
@@ -80,6 +83,7 @@ def test_a_faulty_client_is_quarantined_and_the_run_goes_on(tmp_path: Path, kind
     args = ["run", *TINY, f"runtime.fault.kind={kind}", "runtime.fault.rank=2", "runtime.fault.client=7",
             "runtime.fault.round=1", "--quiet", "--out", str(tmp_path)]
     final_sha(launch(args, 3))
+    assert not (tmp_path / FAILURE_FILE).exists() and not sentinels(tmp_path)  # a normal end is silent
     with h5py.File(tmp_path / "run.h5") as f:
         quarantined, alpha_hat = f["rounds/quarantined"][:], f["rounds/alpha_hat"][:]
         assert f.attrs["status"] == "complete"
@@ -97,6 +101,7 @@ def test_a_dying_client_rank_ends_the_job_quickly_and_the_checkpoint_stays_valid
     args = ["run", *long, "--out", str(out)]
     if how == "exits":
         args += ["runtime.fault.kind=exit", "runtime.fault.rank=2", "runtime.fault.round=2"]
+    pids = {}
     proc = subprocess.Popen([str(MPIEXEC), "-n", "3", str(FDCR), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
     try:
@@ -110,7 +115,6 @@ def test_a_dying_client_rank_ends_the_job_quickly_and_the_checkpoint_stays_valid
                 pass
             time.sleep(0.1)
         if how == "killed":
-            pids = {}
             for p in Path("/proc").iterdir():  # the client rank 2: a python child with PMI_RANK=2
                 try:
                     text = (p / "environ").read_bytes()
@@ -138,10 +142,93 @@ def test_a_dying_client_rank_ends_the_job_quickly_and_the_checkpoint_stays_valid
     reported = re.search(r"PID (\d+) RUNNING AT", report)
     assert "BAD TERMINATION" in report and reported, report[-2000:]
     assert reported.group(1) in banner.groups()
+    # The sentinel names the rank that ended first, its clients and pid, in the run directory and
+    # on stderr (hydra forwards rank 0's stderr until the sentinel, which holds it, has exited).
+    pid = pids.get(2, int(banner.group(3)))
+    failure = wait_for_text(out / FAILURE_FILE, 10)
+    line = f"rank 2 (clients 5-9, pid {pid} on host "
+    assert line in failure and "ended unexpectedly (it was the first rank to end)" in failure, failure
+    assert f"Resume with: fdcr-mpi resume {out}" in failure and len(failure.splitlines()) == 1
+    assert failure.strip() in stderr, stderr[-2000:]
+    assert not sentinels(out)
     checkpoint = load_latest_checkpoint(out, _hash_of(out))
     assert checkpoint is not None and checkpoint.round >= 1
     resumed = launch(["run", *long, "--quiet", "--out", str(out)], 2)
     assert final_sha(resumed) == reference
+    # The next attempt shows the failure once and moves it aside; its normal end leaves none.
+    assert resumed.stderr.count("previous attempt: " + line) == 1, resumed.stderr
+    assert not (out / FAILURE_FILE).exists() and (out / PREVIOUS_FAILURE_FILE).read_text() == failure
+    assert not sentinels(out)
+
+
+def wait_for_text(path: Path, seconds: float) -> str:
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return path.read_text() if path.exists() else ""
+
+
+def sentinels(out: Path) -> list[int]:
+    """Pids of live sentinel processes watching the run in ``out``."""
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            cmd = (p / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"fdcr_mpi.runtime.sentinel" in cmd and str(out).encode() + b"\0" in cmd:
+            found.append(int(p.name))
+    return found
+
+
+# The watcher as rank 0 starts it, but on plain processes; "proc": as on Linux < 5.3 (no pidfd_open).
+SENTINEL = ("import os, sys\n"
+            "if sys.argv[1] == 'proc':\n    del os.pidfd_open\n"
+            "from fdcr_mpi.runtime.sentinel import main\nsys.exit(main(sys.argv[2:]))")
+
+
+@pytest.mark.parametrize("mode", ["pidfd", "proc"])
+@pytest.mark.parametrize("scenario", ["killed", "raised", "done"])
+def test_the_sentinel_names_the_first_rank_to_end_and_is_silent_after_done(tmp_path: Path, mode: str,
+                                                                          scenario: str) -> None:
+    ranks = [subprocess.Popen(["sleep", "120"]) for _ in range(3)]  # ranks 0-2; rank 3 "elsewhere"
+    labels = ["server", "clients 0-4", "clients 5-9"]
+    spec = {"out": str(tmp_path), "host": "here", "elsewhere": [3], "rounds_done": 0, "rounds": 5,
+            "ranks": {str(r): [p.pid, labels[r]] for r, p in enumerate(ranks)}}
+    watcher = subprocess.Popen([sys.executable, "-c", SENTINEL, mode, str(tmp_path), json.dumps(spec)],
+                               stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        time.sleep(2)  # watching
+        watcher.stdin.write("recorded 1\n" + ("done\n" if scenario == "done" else ""))
+        watcher.stdin.flush()
+        if scenario == "raised":  # rank 1 raised: it leaves a note, then MPI kills the others first
+            note_failure(tmp_path, 1, RuntimeError("boom"))
+            ranks[0].kill()
+        ranks[1 if scenario == "raised" else 2].kill()
+        time.sleep(0.5)
+        for p in ranks:  # the launcher's clean-up
+            p.kill()
+        _, stderr = watcher.communicate(timeout=30)
+    finally:
+        watcher.kill()
+        for p in ranks:
+            p.kill()
+            p.wait()
+    assert watcher.returncode == 0
+    if scenario == "done":
+        assert stderr == "" and not (tmp_path / FAILURE_FILE).exists()
+        return
+    failure = (tmp_path / FAILURE_FILE).read_text()
+    assert stderr == failure and failure.endswith("; the job was stopped. Resume with: "
+                                                  f"fdcr-mpi resume {tmp_path}\n"), failure
+    if scenario == "killed":
+        assert failure.startswith(f"fdcr-mpi: rank 2 (clients 5-9, pid {ranks[2].pid} on host here) ended "
+                                  "unexpectedly (it was the first rank to end) during round 2/5; rank 3 on "
+                                  "another host was not watched;"), failure
+    else:
+        assert failure.startswith(f"fdcr-mpi: rank 1 (clients 0-4, pid {ranks[1].pid} on host here) failed "
+                                  "during round 2/5: RuntimeError: boom;"), failure
+        assert not list(tmp_path.glob(".failed-rank-*"))
 
 
 def _hash_of(out: Path) -> str:

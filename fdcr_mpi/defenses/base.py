@@ -25,7 +25,7 @@ class ProxyData:
 
     ``x`` are model-ready float32 images (n, 3, 32, 32); ``y`` int64 labels.
     ``make_model`` returns a fresh model whose parameters are views of one flat vector
-    (see ``fdcr_mpi.models.FlatModel``); ``lr`` etc. are the clients' training settings.
+    (see ``fdcr_mpi.models.FlatModel``); ``lr``, ``local_epochs`` etc. are the clients' training settings.
     """
 
     x: torch.Tensor
@@ -36,6 +36,7 @@ class ProxyData:
     weight_decay: float = 1e-5
     batch_size: int = 64
     seed: int = 0
+    local_epochs: int = 1
 
 
 @dataclass
@@ -51,6 +52,7 @@ class RoundInputs:
     lr: the clients' local learning rate eta.
     round: t, counted from 0.
     proxy: the server's proxy data, for the defenses that need it.
+    client_ids: the client id of each row (partial participation); None means 0..K-1.
     """
 
     global_weights: torch.Tensor
@@ -62,6 +64,7 @@ class RoundInputs:
     round: int = 0
     total_rounds: int = 1
     proxy: ProxyData | None = None
+    client_ids: np.ndarray | None = None
 
     @property
     def num_clients(self) -> int:
@@ -116,6 +119,8 @@ class Defense:
     summary: ClassVar[str] = ""
     needs_fisher: ClassVar[bool] = False
     needs_proxy: ClassVar[bool] = False
+    keeps_client_history: ClassVar[bool] = False  # state indexed by client: needs full participation
+    reducible: ClassVar[bool] = False  # implements ``aggregate_reduced`` (the reduce path)
     Options: ClassVar[type[pydantic.BaseModel]] = NoOptions
 
     def __init__(self, **options: Any) -> None:
@@ -125,6 +130,12 @@ class Defense:
             raise UserError(describe_validation_error(exc, prefix=self.name)) from None
 
     def aggregate(self, inputs: RoundInputs) -> RoundResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def aggregate_reduced(self, ctx: Any) -> RoundResult | None:  # pragma: no cover - abstract
+        """The reduce path (``reducible`` defenses): run on every rank with a
+        ``fdcr_mpi.reduction.Reduction`` over the rank's own rows; returns the result on rank 0
+        and None elsewhere."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, np.ndarray]:

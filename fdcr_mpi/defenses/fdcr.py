@@ -43,6 +43,7 @@ from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult, register
 from fdcr_mpi.defenses.clustering import DEFAULT_DBSCAN_EPS, cluster_labels, largest_mean_cluster
 from fdcr_mpi.defenses.fedavg import ordered_weighted_sum
 from fdcr_mpi.errors import UserError
+from fdcr_mpi.reduction import Reduction
 
 TINY = float(torch.finfo(torch.float32).tiny)
 
@@ -172,26 +173,14 @@ class Fdcr(Defense):
 
     summary = "FDCR: Fisher-importance discrepancy clustering (FCDC) + Fisher rescale (FPRA)"
     needs_fisher = True
+    reducible = True
     Options = FdcrOptions
 
     def aggregate(self, inputs: RoundInputs) -> RoundResult:
         opt: FdcrOptions = self.options  # type: ignore[assignment]
         w_t, w = inputs.global_weights, inputs.client_weights
         num_clients = inputs.num_clients
-        uses_fisher = opt.use_importance or opt.fpra
-        if inputs.fisher is None and uses_fisher:
-            raise UserError(
-                "defense 'fdcr' needs the clients' Fisher vectors (RoundInputs.fisher / "
-                "aggregate(..., fisher=...)); only with fdcr.use_importance and fdcr.fpra "
-                "both false can it run without them"
-            )
-        if inputs.fisher is not None and tuple(inputs.fisher.shape) != tuple(w.shape):
-            raise UserError(
-                f"defense 'fdcr': the Fisher vectors have shape {tuple(inputs.fisher.shape)}, "
-                f"the client weights {tuple(w.shape)}"
-            )
-        if not inputs.lr > 0:
-            raise UserError(f"defense 'fdcr' needs a positive local learning rate, got {inputs.lr}")
+        self.check_inputs(inputs.fisher, w, inputs.lr)
         alpha = inputs.alpha.cpu().numpy().astype(np.float64)
 
         imp = importance(inputs.fisher) if inputs.fisher is not None else None  # Eq. 6
@@ -201,39 +190,86 @@ class Fdcr(Defense):
         gt = global_weighted_update(gt_k, alpha)  # Eq. 9a
         v = discrepancy(gt, gt_k, opt.discrepancy)  # Eq. 9b
         del gt_k, gt
-
-        if opt.fcdc:
-            labels = cluster_labels(  # Eq. 10
-                v,
-                opt.clustering,
-                partition_level=opt.partition_level,
-                dbscan_eps=opt.dbscan_eps,
-                dbscan_min_samples=opt.dbscan_min_samples,
-            )
-            removed = largest_mean_cluster(v, labels)
-            alpha_hat = reallocate(alpha, removed)  # Eq. 11
-            num_clusters = int(np.unique(labels).size)
-        else:
-            labels = np.full(num_clients, -1, dtype=np.int64)
-            removed = np.zeros(num_clients, dtype=bool)
-            alpha_hat = alpha.copy()
-            num_clusters = 0
-
+        labels, removed, alpha_hat, num_clusters = self.detect(v, alpha)  # Eqs. 10-11
         trainable = None if inputs.trainable is None else inputs.trainable.to(torch.bool)
         weights = new_global_model(alpha_hat, w_t, w, imp if opt.fpra else None, trainable)  # Eq. 12
+        return RoundResult(weights=weights, alpha_hat=alpha_hat, removed=removed,
+                           diagnostics=self.diagnostics(v, importance_sums(imp, num_clients), labels, num_clusters))
 
-        if imp is not None:
-            imp_sum = np.array([float(np.sum(imp[k].cpu().numpy(), dtype=np.float64)) for k in range(num_clients)])
-        else:
-            imp_sum = np.full(num_clients, np.nan)
-        return RoundResult(
-            weights=weights,
-            alpha_hat=alpha_hat,
-            removed=removed,
-            diagnostics={
-                "discrepancy": v,
-                "importance_sum": imp_sum,
-                "cluster": labels,
-                "num_clusters": num_clusters,
-            },
-        )
+    def aggregate_reduced(self, ctx: Reduction) -> RoundResult | None:
+        """Eqs. 6-12 as reductions: every rank holds its own clients' rows; gt (Eq. 9a) is an
+        exact Allreduce, V_k and the importance sums go to rank 0 as K scalars, rank 0 clusters
+        and sends alpha_hat back, and w_{t+1} (Eq. 12) is an exact Reduce to rank 0. Rows are
+        processed in chunks; besides its (n, D) weights and Fisher a rank holds its (n, D) gt_k
+        until Eq. 9b is done."""
+        opt: FdcrOptions = self.options  # type: ignore[assignment]
+        self.check_inputs(ctx.fisher, ctx.weights, ctx.lr)
+        w_t, w, fisher = ctx.global_weights, ctx.weights, ctx.fisher
+        trainable = None if ctx.trainable is None else ctx.trainable.to(torch.bool)
+        imp = (lambda idx: importance(fisher[idx])) if fisher is not None else (lambda idx: None)  # noqa: E731
+
+        gt_k = torch.empty_like(w)
+        imp_sums_local = np.zeros(w.shape[0])
+        for idx in ctx.chunks():  # Eqs. 6-8
+            imp_k = imp(idx)
+            gt_k[idx] = weighted_update(client_update(w[idx], w_t, ctx.lr), imp_k if opt.use_importance else None)
+            imp_sums_local[idx] = importance_sums(imp_k, len(idx))
+
+        def rescaled_rows(idx: np.ndarray) -> torch.Tensor:  # Eq. 12, what_k
+            factor = rescale_factor(imp(idx)) if opt.fpra and fisher is not None else None
+            return rescale(w_t, w[idx], factor, trainable)
+
+        gt = ctx.weighted_sum(ctx.alpha, gt_k, to_all=True)  # Eq. 9a
+        v = ctx.gather(discrepancy(gt, gt_k, opt.discrepancy))  # Eq. 9b
+        imp_sums = ctx.gather(imp_sums_local)
+        del gt_k, gt
+        step = np.zeros(w.shape[0])
+        for idx in ctx.chunks():
+            step[idx] = (w[idx] - w_t).abs().amax(dim=1).double().numpy()
+        if ctx.is_server:
+            labels, removed, alpha_hat, num_clusters = self.detect(v, ctx.alpha_all)  # Eqs. 10-11
+        mine = ctx.scatter(alpha_hat if ctx.is_server else None)
+        bound = float(w_t.abs().max()) + 1.5 * step  # |what_k| <= |w_t| + 2 sigmoid(1) |w_k - w_t|
+        weights = ctx.weighted_sum(mine, rescaled_rows, to_all=False, bounds=bound)  # Eq. 12
+        if not ctx.is_server:
+            return None
+        return RoundResult(weights=weights, alpha_hat=alpha_hat, removed=removed,
+                           diagnostics=self.diagnostics(v, imp_sums, labels, num_clusters))
+
+    def detect(self, v: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Eqs. 10-11: cluster labels, the removed mask, alpha_hat and the number of clusters."""
+        opt: FdcrOptions = self.options  # type: ignore[assignment]
+        if not opt.fcdc:
+            return np.full(v.size, -1, dtype=np.int64), np.zeros(v.size, dtype=bool), alpha.copy(), 0
+        labels = cluster_labels(v, opt.clustering, partition_level=opt.partition_level,
+                                dbscan_eps=opt.dbscan_eps, dbscan_min_samples=opt.dbscan_min_samples)
+        removed = largest_mean_cluster(v, labels)
+        return labels, removed, reallocate(alpha, removed), int(np.unique(labels).size)
+
+    @staticmethod
+    def diagnostics(v: np.ndarray, imp_sums: np.ndarray, labels: np.ndarray, num_clusters: int) -> dict[str, object]:
+        return {"discrepancy": v, "importance_sum": imp_sums, "cluster": labels, "num_clusters": num_clusters}
+
+    def check_inputs(self, fisher: torch.Tensor | None, w: torch.Tensor, lr: float) -> None:
+        """One sentence for inputs FDCR cannot use."""
+        opt: FdcrOptions = self.options  # type: ignore[assignment]
+        if fisher is None and (opt.use_importance or opt.fpra):
+            raise UserError(
+                "defense 'fdcr' needs the clients' Fisher vectors (RoundInputs.fisher / "
+                "aggregate(..., fisher=...)); only with fdcr.use_importance and fdcr.fpra "
+                "both false can it run without them"
+            )
+        if fisher is not None and tuple(fisher.shape) != tuple(w.shape):
+            raise UserError(
+                f"defense 'fdcr': the Fisher vectors have shape {tuple(fisher.shape)}, "
+                f"the client weights {tuple(w.shape)}"
+            )
+        if not lr > 0:
+            raise UserError(f"defense 'fdcr' needs a positive local learning rate, got {lr}")
+
+
+def importance_sums(imp: torch.Tensor | None, num_clients: int) -> np.ndarray:
+    """sum_v I_k,v per client (float64 sums), NaN without Fisher vectors (a diagnostic)."""
+    if imp is None:
+        return np.full(num_clients, np.nan)
+    return np.array([float(np.sum(imp[k].cpu().numpy(), dtype=np.float64)) for k in range(num_clients)])

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult, register
+from fdcr_mpi.reduction import Reduction
 
 
 def ordered_weighted_sum(alpha: np.ndarray | torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -29,6 +30,7 @@ class FedAvg(Defense):
     """Vanilla FedAvg: the sample-weighted mean of the client models."""
 
     summary = "FedAvg (Vanilla): w = sum_k N_k/N w_k, no defense"
+    reducible = True
 
     def aggregate(self, inputs: RoundInputs) -> RoundResult:
         alpha = inputs.alpha.cpu().numpy().astype(np.float64)
@@ -39,3 +41,11 @@ class FedAvg(Defense):
             removed=np.zeros(inputs.num_clients, dtype=bool),
             diagnostics={},
         )
+
+    def aggregate_reduced(self, ctx: Reduction) -> RoundResult | None:
+        """The same sum as one exact reduction over the ranks (``fdcr_mpi.reduction``)."""
+        weights = ctx.weighted_sum(ctx.alpha, ctx.weights, to_all=False)
+        if not ctx.is_server:
+            return None
+        return RoundResult(weights=weights, alpha_hat=ctx.alpha_all.copy(),
+                           removed=np.zeros(ctx.participants, dtype=bool), diagnostics={})

@@ -63,6 +63,7 @@ class FoolsGold(Defense):
     """Down-weight clients whose update histories are too similar (sybils)."""
 
     summary = "FoolsGold: cosine similarity of update histories, pardoning, logit re-weighting"
+    keeps_client_history = True
 
     class Options(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="forbid", frozen=True)

@@ -18,11 +18,12 @@ import torch
 
 from fdcr_mpi import __version__, metrics
 from fdcr_mpi.checkpoint import RunLock, load_latest_checkpoint, write_checkpoint
-from fdcr_mpi.config import BaseConfig, config_hash, to_yaml
+from fdcr_mpi.config import BaseConfig, aggregation_path, config_hash, to_yaml
 from fdcr_mpi.defenses import create
 from fdcr_mpi.defenses.base import Defense
 from fdcr_mpi.errors import Preempted, UserError
 from fdcr_mpi.experiment import Experiment, build_experiment
+from fdcr_mpi.runtime import sentinel
 from fdcr_mpi.runtime.devices import default_threads, select_device
 from fdcr_mpi.runtime.server import Server, StopFlag, weights_sha256
 from fdcr_mpi.runtime.transport import client_blocks, fail_job, make_transport
@@ -42,6 +43,7 @@ class Recorder:
         self.stop = None  # the server's StopFlag: a stop request forces a checkpoint
         self.started = time.perf_counter()
         self.rounds_timed = 0
+        self.watch = sentinel.Watch()  # the watcher that names a dying rank (MPI runs)
 
     def open(self, restart: bool) -> tuple[int, torch.Tensor | None, dict | None]:
         """Create or reopen the run file; returns (start round, weights, defense state) to resume from."""
@@ -83,6 +85,7 @@ class Recorder:
         self.run_file.set_last("seconds_write", now - write_start)
         self.run_file.set_last("seconds_round", now - round_start)
         self.print_round(t, row, now - round_start)
+        self.watch.recorded(t + 1)
 
     def print_round(self, t: int, row: dict, round_seconds: float) -> None:
         if self.quiet:
@@ -113,14 +116,20 @@ class Recorder:
         return digest
 
 
-def placement(identities: list[str], num_clients: int) -> str:
+def participation(config: BaseConfig) -> str:
+    """', 100 clients per round, reduce path' when either differs from the default."""
+    part = f", {config.clients_per_round} clients per round" if config.clients_per_round else ""
+    return part + (", reduce path" if aggregation_path(config) == "reduce" else "")
+
+
+def placement(identities: list[str], num_clients: int, group: int = 1) -> str:
     """'1:[0-4] (host:pid) 2:[5-9] (host:pid)': the clients and process of each client rank.
 
     When a rank dies without a word (SIGKILL, OOM), mpiexec or srun reports its pid or rank;
     this line, printed at start, tells which clients it hosted.
     """
     parts = [f"0:server ({identities[0]})"]
-    for rank, ids in enumerate(client_blocks(num_clients, len(identities))):
+    for rank, ids in enumerate(client_blocks(num_clients, len(identities), group)):
         if ids:
             span = f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else f"{ids[0]}"
             parts.append(f"{rank}:[{span}] ({identities[rank]})")
@@ -163,7 +172,7 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
         local = transport.local_rank()
         setup_threads(config, _ranks_on_node(transport))
         device = select_device(config.runtime.device, local)
-        client_ids = transport.clients_of(transport.rank, config.data.num_clients)
+        client_ids = transport.clients_of(transport.rank, config.data.num_clients, config.train.batch_clients)
         defense = create(config.defense.name, **getattr(config, config.defense.name).model_dump())
         exp = build_experiment(config, client_ids, server=transport.is_server, with_proxy=defense.needs_proxy)
         runner = ClientRunner(exp, client_ids, with_fisher=defense.needs_fisher, device=device,
@@ -184,12 +193,15 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
 
     if not transport.is_server:
         try:
-            worker_loop(transport, runner, config.data.num_clients)
+            worker_loop(transport, runner, defense)
         except BaseException as exc:  # noqa: BLE001 - any failure must end the whole job
+            sentinel.note_failure(out, transport.rank, exc)
             fail_job(transport, exc)
         return 0
 
     try:
+        recorder.watch = sentinel.begin_attempt(out, identities, client_blocks(
+            config.data.num_clients, len(identities), config.train.batch_clients), start, config.rounds)
         server = Server(transport, exp, runner, defense, device, recorder)
         if state:
             defense.load_state_dict(state)
@@ -203,10 +215,11 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
         if not quiet:
             print(f"fdcr-mpi {__version__}: {config.defense.name} on {config.data.dataset}, "
                   f"{config.data.num_clients} clients ({int(exp.malicious.sum())} attackers), "
-                  f"{config.rounds} rounds, {transport.describe()}, device {device}"
+                  f"{config.rounds} rounds{participation(config)}, {transport.describe()}, device {device}"
                   + (f", resuming at round {start + 1}" if start else ""), flush=True)
             if transport.size > 1:
-                print("clients by rank: " + placement(identities, config.data.num_clients), flush=True)
+                print("clients by rank: " + placement(identities, config.data.num_clients,
+                                                         config.train.batch_clients), flush=True)
         server.stop = recorder.stop = stop
         weights = server.run(start, weights)
         rounds_done = recorder.run_file.rounds_done()
@@ -220,17 +233,20 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
     except Preempted:
         raise
     except UserError as exc:
+        recorder.watch.done()  # an orderly end, even though it stops every rank
         recorder.mark_failed()
         if transport.size > 1:  # the client ranks wait for the next round: end them too
             sys.stderr.write(f"fdcr-mpi: error: {exc}\n")
             transport.abort(exc.exit_code)
         raise
     except BaseException as exc:  # noqa: BLE001
+        recorder.watch.failed(exc)
         recorder.mark_failed()
         if transport.size > 1:
             fail_job(transport, exc)
         raise
     finally:
+        recorder.watch.done()  # no-op after failed()
         if lock is not None:
             lock.release()
 

@@ -16,13 +16,28 @@ import numpy as np
 import torch
 
 from fdcr_mpi import metrics, seeding
+from fdcr_mpi.config import aggregation_path, participants
 from fdcr_mpi.defenses.base import Defense, ProxyData, RoundInputs, RoundResult
 from fdcr_mpi.experiment import Experiment
 from fdcr_mpi.models import build_model
+from fdcr_mpi.participation import RoundPlan
 from fdcr_mpi.quarantine import defend_with_quarantine
 from fdcr_mpi.runtime.devices import host_buffer
 from fdcr_mpi.runtime.transport import client_blocks
-from fdcr_mpi.runtime.worker import META, ROUND, STOP, ClientRunner, SendBlocks, gather_blocks
+from fdcr_mpi.runtime.worker import (
+    FINITE,
+    FISHER_SECONDS,
+    LOSS,
+    META,
+    ROUND,
+    SIZE,
+    STOP,
+    TRAIN_SECONDS,
+    ClientRunner,
+    SendBlocks,
+    gather_blocks,
+    reduce_round,
+)
 
 PHASES = ("broadcast", "clients", "wait", "gather", "train", "fisher", "defend", "evaluate", "write", "round")
 
@@ -55,12 +70,14 @@ class Server:
         self.transport, self.exp, self.runner, self.defense = transport, exp, runner, defense
         self.device, self.recorder = device, recorder
         cfg = exp.config
-        k, d = exp.num_clients, runner.model.size
-        self.recv = SendBlocks(
-            weights=host_buffer((k, d), np.float32, device.type == "cuda"),
-            fisher=host_buffer((k, d), np.float32, device.type == "cuda") if runner.blocks.fisher is not None else None,
-            meta=host_buffer((k, len(META)), np.float64, False),
-        )
+        m, d = participants(cfg), runner.model.size
+        self.path = aggregation_path(cfg)
+        self.blocks = client_blocks(exp.num_clients, transport.size, cfg.train.batch_clients)
+        self.recv = SendBlocks(  # the gather path's (m, D) rows; the reduce path never holds them
+            weights=host_buffer((m, d), np.float32, device.type == "cuda"),
+            fisher=host_buffer((m, d), np.float32, device.type == "cuda") if runner.blocks.fisher is not None else None,
+            meta=host_buffer((m, len(META)), np.float64, False),
+        ) if self.path == "gather" else None
         self.model = runner.model if runner.client_ids else build_model(
             cfg.model.name, seeding.derive_seed(cfg.seed, seeding.MODEL_INIT), device=device)
         self.trainable = self.model.trainable.cpu()
@@ -78,7 +95,7 @@ class Server:
         return ProxyData(
             x=model_input(sets.proxy_x).contiguous(), y=sets.proxy_y,
             make_model=lambda: build_model(cfg.model.name, 0), lr=cfg.train.lr, momentum=cfg.train.momentum,
-            weight_decay=cfg.train.weight_decay, batch_size=cfg.train.batch_size,
+            weight_decay=cfg.train.weight_decay, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs,
             seed=seeding.derive_seed(cfg.seed, seeding.DEFENSE))
 
     def run(self, start_round: int, weights: torch.Tensor) -> torch.Tensor:
@@ -106,36 +123,45 @@ class Server:
             clock = now
 
         round_start = clock
+        cfg = exp.config
+        plan = RoundPlan.make(cfg.seed, exp.num_clients, cfg.clients_per_round, t, self.blocks)
         header[:] = (t, ROUND)
         flat = np.ascontiguousarray(weights.detach().cpu().numpy(), dtype=np.float32)
         self.transport.wait_quietly()
         self.transport.broadcast(header)
         self.transport.broadcast(flat)
         lap("broadcast")
-        own = self.runner.run_round(weights.to(self.device), t)
+        own = self.runner.run_round(weights.to(self.device), t, plan.selected)
         lap("clients")  # the clients hosted here: all of them in one process, none under MPI
         self.transport.wait_quietly()
         lap("wait")  # for the busiest client rank
-        gather_blocks(self.transport, own, self.recv, exp.num_clients)
-        lap("gather")
-        result, quarantined = self.defend(t, weights)
+        if self.path == "gather":
+            gather_blocks(self.transport, own, self.recv, plan.rows_per_rank)
+            lap("gather")
+            meta = self.recv.meta
+            result, quarantined = self.defend(t, weights, plan)
+        else:  # the reductions are the defense's communication: counted under "defend"
+            lap("gather")
+            result, meta = reduce_round(self.transport, self.defense, plan, own,
+                                        weights.to(torch.float32).cpu(), self.trainable, t, cfg)
+            quarantined = meta[:, FINITE] == 0
         lap("defend")
         new_weights = result.weights.detach().to(torch.float32).cpu()
         evaluation = self.evaluate(new_weights)
         lap("evaluate")
-        seconds["train"], seconds["fisher"] = self.per_rank_seconds()
-        row = self.make_row(t, result, quarantined, evaluation)
+        seconds["train"], seconds["fisher"] = self.per_rank_seconds(meta, plan)
+        row = self.make_row(t, result, quarantined, evaluation, meta, plan)
         self.recorder.record_round(t, row, new_weights, self.defense, seconds, round_start)
         return new_weights
 
-    def defend(self, t: int, weights: torch.Tensor) -> tuple[RoundResult, np.ndarray]:
+    def defend(self, t: int, weights: torch.Tensor, plan: RoundPlan) -> tuple[RoundResult, np.ndarray]:
         """Run the defense on the gathered rows; faulty rows are quarantined for this round."""
         cfg = self.exp.config
         fisher = torch.from_numpy(self.recv.fisher) if self.recv.fisher is not None else None
         inputs = RoundInputs(
             global_weights=weights, client_weights=torch.from_numpy(self.recv.weights), fisher=fisher,
-            sizes=torch.from_numpy(self.recv.meta[:, 0].copy()), trainable=self.trainable, lr=cfg.train.lr,
-            round=t, total_rounds=cfg.rounds, proxy=self.proxy)
+            sizes=torch.from_numpy(self.recv.meta[:, SIZE].copy()), trainable=self.trainable, lr=cfg.train.lr,
+            round=t, total_rounds=cfg.rounds, proxy=self.proxy, client_ids=plan.selected)
         return defend_with_quarantine(self.defense, inputs)
 
     def evaluate(self, weights: torch.Tensor) -> dict[str, float]:
@@ -149,25 +175,35 @@ class Server:
         r = metrics.backdoor_failure_rate(asr)
         return {"A": a, "asr": asr, "asr_incl_target": asr_incl, "R": r, "V": metrics.v_score(a, r)}
 
-    def per_rank_seconds(self) -> tuple[float, float]:
-        """(train, fisher) seconds of the busiest rank, from the gathered metadata."""
-        meta, blocks = self.recv.meta, client_blocks(self.exp.num_clients, self.transport.size)
-        train = max((meta[b, 2].sum() for b in blocks if b), default=0.0)
-        fisher = max((meta[b, 3].sum() for b in blocks if b), default=0.0)
+    @staticmethod
+    def per_rank_seconds(meta: np.ndarray, plan: RoundPlan) -> tuple[float, float]:
+        """(train, fisher) seconds of the busiest rank, from the participants' metadata."""
+        bounds = np.concatenate([[0], np.cumsum(plan.rows_per_rank)]).astype(int)
+        spans = [slice(bounds[r], bounds[r + 1]) for r in range(len(plan.rows_per_rank)) if bounds[r + 1] > bounds[r]]
+        train = max((meta[s, TRAIN_SECONDS].sum() for s in spans), default=0.0)
+        fisher = max((meta[s, FISHER_SECONDS].sum() for s in spans), default=0.0)
         return float(train), float(fisher)
 
-    def make_row(self, t: int, result: RoundResult, quarantined: np.ndarray,
-                 evaluation: dict[str, float]) -> dict[str, object]:
-        sizes = self.recv.meta[:, 0]
-        alpha = sizes / sizes.sum()
-        tpr, fpr = metrics.detection_rates(result.removed, self.exp.malicious)
-        row: dict[str, object] = {"round": t, **evaluation, "tpr": tpr, "fpr": fpr,
-                                  "alpha": alpha, "alpha_hat": np.asarray(result.alpha_hat, np.float64),
-                                  "removed": np.asarray(result.removed, bool), "quarantined": quarantined,
-                                  "train_loss": self.recv.meta[:, 1].copy()}
+    def make_row(self, t: int, result: RoundResult, quarantined: np.ndarray, evaluation: dict[str, float],
+                 meta: np.ndarray, plan: RoundPlan) -> dict[str, object]:
+        """The round's row: per-client columns have K entries (non-participants: alpha 0, NaN)."""
         k = self.exp.num_clients
+        sizes = meta[:, SIZE]
+        removed = np.asarray(result.removed, bool)
+        tpr, fpr = metrics.detection_rates(removed, self.exp.malicious[plan.selected])
+        row: dict[str, object] = {
+            "round": t, **evaluation, "tpr": tpr, "fpr": fpr,
+            "alpha": plan.spread(sizes / sizes.sum(), k, 0.0),
+            "alpha_hat": plan.spread(np.asarray(result.alpha_hat, np.float64), k, 0.0),
+            "removed": plan.spread(removed, k, False), "quarantined": plan.spread(quarantined, k, False),
+            "train_loss": plan.spread(meta[:, LOSS].copy(), k, np.nan)}
+        if self.exp.config.clients_per_round is not None:
+            row["selected"] = plan.spread(np.ones(len(plan.selected), bool), k, False)
+        m = len(plan.selected)
         for name, value in result.diagnostics.items():
             array = np.asarray(value)
-            if array.ndim == 0 or (array.ndim == 1 and array.shape[0] == k):
+            if array.ndim == 0:
                 row[name] = array
+            elif array.ndim == 1 and array.shape[0] == m:
+                row[name] = plan.spread(array, k, np.nan if array.dtype.kind == "f" else -1)
         return row

@@ -31,15 +31,17 @@ MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MP
                 "HYDI_CONTROL_FD", "PMI_FD")
 
 
-def client_blocks(num_clients: int, num_ranks: int) -> list[list[int]]:
+def client_blocks(num_clients: int, num_ranks: int, group: int = 1) -> list[list[int]]:
     """Client ids hosted by each rank: rank 0 none, ranks 1..P-1 contiguous balanced blocks.
 
-    With one rank, rank 0 hosts everyone.
+    With one rank, rank 0 hosts everyone. ``group`` > 1 (batched training, ``train.batch_clients``)
+    keeps each group of ids [jG, (j+1)G) on one rank: the groups, not the clients, are dealt out.
     """
     if num_ranks == 1:
         return [list(range(num_clients))]
-    blocks = np.array_split(np.arange(num_clients), num_ranks - 1)
-    return [[]] + [b.tolist() for b in blocks]
+    groups = [list(range(start, min(start + group, num_clients))) for start in range(0, num_clients, group)]
+    return [[]] + [[k for g in part for k in groups[g]]
+                   for part in np.array_split(np.arange(len(groups)), num_ranks - 1)]
 
 
 class Transport(Protocol):
@@ -49,11 +51,17 @@ class Transport(Protocol):
     @property
     def is_server(self) -> bool: ...
 
-    def clients_of(self, rank: int, num_clients: int) -> list[int]: ...
+    def clients_of(self, rank: int, num_clients: int, group: int = 1) -> list[int]: ...
 
     def broadcast(self, buf: np.ndarray) -> None: ...
 
-    def gather_rows(self, send: np.ndarray, recv: np.ndarray | None, num_clients: int) -> None: ...
+    def gather_rows(self, send: np.ndarray, recv: np.ndarray | None, rows_per_rank: list[int]) -> None: ...
+
+    def allgather_rows(self, send: np.ndarray, recv: np.ndarray, rows_per_rank: list[int]) -> None: ...
+
+    def sum_int64(self, buf: np.ndarray, to_all: bool) -> None: ...
+
+    def max_all(self, value: float) -> float: ...
 
     def wait_quietly(self) -> None: ...
 
@@ -73,15 +81,24 @@ class LocalTransport:
     size = 1
     is_server = True
 
-    def clients_of(self, rank: int, num_clients: int) -> list[int]:
+    def clients_of(self, rank: int, num_clients: int, group: int = 1) -> list[int]:
         return client_blocks(num_clients, 1)[rank]
 
     def broadcast(self, buf: np.ndarray) -> None:
         return None
 
-    def gather_rows(self, send: np.ndarray, recv: np.ndarray | None, num_clients: int) -> None:
+    def gather_rows(self, send: np.ndarray, recv: np.ndarray | None, rows_per_rank: list[int]) -> None:
         if recv is not None and send is not recv:
-            recv[...] = send
+            recv[: rows_per_rank[0]] = send[: rows_per_rank[0]]
+
+    def allgather_rows(self, send: np.ndarray, recv: np.ndarray, rows_per_rank: list[int]) -> None:
+        self.gather_rows(send, recv, rows_per_rank)
+
+    def sum_int64(self, buf: np.ndarray, to_all: bool) -> None:
+        return None
+
+    def max_all(self, value: float) -> float:
+        return value
 
     def wait_quietly(self) -> None:
         return None
@@ -117,8 +134,8 @@ class MpiTransport:
     def is_server(self) -> bool:
         return self.rank == 0
 
-    def clients_of(self, rank: int, num_clients: int) -> list[int]:
-        return client_blocks(num_clients, self.size)[rank]
+    def clients_of(self, rank: int, num_clients: int, group: int = 1) -> list[int]:
+        return client_blocks(num_clients, self.size, group)[rank]
 
     def wait_quietly(self, max_sleep: float = 0.005) -> None:
         """An Ibarrier tested with growing sleeps: waiting ranks leave the cores to the working ones."""
@@ -132,14 +149,47 @@ class MpiTransport:
         """Bcast of a contiguous buffer from rank 0, in place on the others."""
         self.comm.Bcast(_contiguous(buf), root=0)
 
-    def gather_rows(self, send: np.ndarray, recv: np.ndarray | None, num_clients: int) -> None:
-        """Gatherv of each rank's (n_local, m) rows into rank 0's (K, m) array, in client-id order."""
-        width = int(np.prod(send.shape[1:])) if send.ndim > 1 else 1
-        counts = [len(b) * width for b in client_blocks(num_clients, self.size)]
-        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
-        mpi_type = self.MPI._typedict[send.dtype.char]
+    def gather_rows(self, send: np.ndarray, recv: np.ndarray | None, rows_per_rank: list[int]) -> None:
+        """Gatherv of the first ``rows_per_rank[r]`` rows of each rank's ``send`` into rank 0's ``recv``.
+
+        Rows land in rank order; with clients in contiguous blocks that is client-id order.
+        """
+        counts, displs, mpi_type = self._layout(send, rows_per_rank)
         recvbuf: Any = [_contiguous(recv), (counts, displs), mpi_type] if self.rank == 0 else None
-        self.comm.Gatherv([_contiguous(send), mpi_type], recvbuf, root=0)
+        self.comm.Gatherv([_contiguous(send), counts[self.rank], mpi_type], recvbuf, root=0)
+
+    def allgather_rows(self, send: np.ndarray, recv: np.ndarray, rows_per_rank: list[int]) -> None:
+        """Allgatherv: every rank gets every rank's first ``rows_per_rank[r]`` rows, in rank order."""
+        counts, displs, mpi_type = self._layout(send, rows_per_rank)
+        self.comm.Allgatherv([_contiguous(send), counts[self.rank], mpi_type],
+                             [_contiguous(recv), (counts, displs), mpi_type])
+
+    def _layout(self, send: np.ndarray, rows_per_rank: list[int]) -> tuple[list[int], list[int], Any]:
+        width = int(np.prod(send.shape[1:])) if send.ndim > 1 else 1
+        counts = [int(n) * width for n in rows_per_rank]
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        return counts, displs, self.MPI._typedict[send.dtype.char]
+
+    def sum_int64(self, buf: np.ndarray, to_all: bool) -> None:
+        """Integer sum over ranks, in place: Allreduce (``to_all``) or Reduce to rank 0.
+
+        Integer addition is associative, so the total does not depend on how many ranks there
+        are or how the terms are split among them (``fdcr_mpi.reduction`` builds on this).
+        """
+        if buf.dtype != np.int64:
+            raise ValueError("sum_int64 takes an int64 buffer")
+        if to_all:
+            self.comm.Allreduce(self.MPI.IN_PLACE, _contiguous(buf), op=self.MPI.SUM)
+        elif self.rank == 0:
+            self.comm.Reduce(self.MPI.IN_PLACE, _contiguous(buf), op=self.MPI.SUM, root=0)
+        else:
+            self.comm.Reduce(_contiguous(buf), None, op=self.MPI.SUM, root=0)
+
+    def max_all(self, value: float) -> float:
+        """The largest ``value`` over all ranks (Allreduce MAX of one float64)."""
+        out = np.array([value], dtype=np.float64)
+        self.comm.Allreduce(self.MPI.IN_PLACE, out, op=self.MPI.MAX)
+        return float(out[0])
 
     def first_error(self, message: str | None) -> str | None:
         """Collective: the first rank's error message if any rank had one (so all ranks stop together)."""
