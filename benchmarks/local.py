@@ -1,26 +1,30 @@
-"""In-process benchmarks of one client: training throughput against a bare PyTorch loop, and
-the empirical Fisher's cost against the client's 10-epoch local training.
+"""In-process benchmarks of one client: training throughput against a bare PyTorch loop, the
+batched-client mode (``fdcr_mpi.batched.train_group``, G clients as one vmapped computation)
+against the same bare loop, and the empirical Fisher's cost against the client's 10-epoch
+local training.
 
-Both run on one client's data: the first ``n`` Fashion-MNIST training images when the real
+All run on one client's data: the first ``n`` Fashion-MNIST training images when the real
 files are present, else random tensors of the same shape (the cost of a CNN step on the CPU
 does not depend on the pixel values).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Figure, load1, median, say, timed
+from fdcr_mpi.batched import CHUNK, train_group
 from fdcr_mpi.client import ClientData, TrainSettings, empirical_fisher, local_train
 from fdcr_mpi.data.datasets import SPECS, DatasetSpec, load_raw, model_input, preprocess
 from fdcr_mpi.models import FlatModel, SimpleCNN, build_model
 
 BACKENDS = ("layers", "vmap")
 PAPER_EPOCHS = 10
+BATCHED_TARGET = 1.5  # issue "Performance": batched-client samples/s >= 1.5 x the bare loop's
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class LocalSizes:
     repeats: int  # timed (ours, bare) pairs
     fisher_repeats: int  # timed (10-epoch training, Fisher per backend) rounds
     threads: tuple[int, ...]
+    groups: tuple[int, ...] = (5, 10)  # clients per batched group (train_group)
+    batched_repeats: int = 5  # timed (bare, each group) rounds
 
 
 def client_data(n: int, root: Path | None) -> tuple[ClientData, DatasetSpec, str]:
@@ -93,6 +99,24 @@ class OursLoop:
         return n // settings.batch_size * settings.batch_size * epochs
 
 
+class BatchedLoop:
+    """fdcr_mpi's batched-client mode: ``train_group`` on ``group`` clients, each the benchmark's
+    client (same data, its own generator: its own order and augmentation), from one start."""
+
+    def __init__(self, data: ClientData, spec: DatasetSpec, settings: TrainSettings, group: int) -> None:
+        self.model: FlatModel = build_model("simple_cnn", 0)
+        self.start = self.model.flat.clone()
+        self.datas, self.spec, self.settings = [data] * group, spec, settings
+        self.generators = [torch.Generator().manual_seed(1 + k) for k in range(group)]
+
+    def train(self, epochs: int) -> int:
+        """``epochs`` epochs of every client; returns the number of samples trained on."""
+        settings = replace(self.settings, local_epochs=epochs)
+        train_group(self.model, self.start, self.datas, self.spec, settings, self.generators)
+        n = len(self.datas[0])
+        return len(self.datas) * (n // settings.batch_size * settings.batch_size) * epochs
+
+
 def throughput(data: ClientData, spec: DatasetSpec, threads: int, sizes: LocalSizes) -> dict:
     """Samples per second of ours and of the bare loop, timed in alternating pairs."""
     torch.set_num_threads(threads)
@@ -109,6 +133,32 @@ def throughput(data: ClientData, spec: DatasetSpec, threads: int, sizes: LocalSi
     return {"threads": threads, "samples_per_timing": samples, "seconds_ours": t_ours, "seconds_bare": t_bare,
             "ours_samples_per_s": samples / median(t_ours), "bare_samples_per_s": samples / median(t_bare),
             "ratio": median([b / o for o, b in zip(t_ours, t_bare)])}
+
+
+def batched_throughput(data: ClientData, spec: DatasetSpec, threads: int, sizes: LocalSizes) -> dict:
+    """Samples per second of ``train_group`` on G clients and of the bare loop, timed in rounds
+    that run the bare loop and every group once, in a rotating order."""
+    torch.set_num_threads(threads)
+    settings = TrainSettings()
+    bare = BareLoop(data, settings)
+    loops = {"bare": bare, **{f"g{g}": BatchedLoop(data, spec, settings, g) for g in sizes.groups}}
+    samples = {name: loop.train(1) for name, loop in loops.items()}  # warm-up; samples per epoch
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
+    names = list(loops)
+    for r in range(sizes.batched_repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            seconds[name].append(timed(lambda loop=loops[name]: loop.train(sizes.throughput_epochs)))
+    epochs = sizes.throughput_epochs
+    result: dict = {"threads": threads, "groups": list(sizes.groups), "seconds": seconds,
+                    "samples_per_timing": {name: s * epochs for name, s in samples.items()},
+                    "bare_samples_per_s": samples["bare"] * epochs / median(seconds["bare"])}
+    for g in sizes.groups:
+        name = f"g{g}"
+        rate = [samples[name] * epochs / t for t in seconds[name]]
+        ratios = [samples[name] / samples["bare"] * b / t for t, b in zip(seconds[name], seconds["bare"])]
+        result[f"{name}_samples_per_s"] = median(rate)
+        result[f"{name}_ratio"] = median(ratios)
+    return result
 
 
 def fisher_cost(data: ClientData, spec: DatasetSpec, threads: int, sizes: LocalSizes) -> dict:
@@ -138,7 +188,7 @@ def run_local(sizes: LocalSizes, root: Path | None) -> tuple[list[Figure], dict]
     previous = torch.get_num_threads()
     data, spec, source = client_data(sizes.samples, root)
     figures: list[Figure] = []
-    details: dict = {"data": source, "throughput": [], "fisher": []}
+    details: dict = {"data": source, "throughput": [], "batched": [], "fisher": []}
     try:
         for threads in sizes.threads:
             say(f"local training throughput vs bare loop, {threads} thread(s)")
@@ -147,6 +197,13 @@ def run_local(sizes: LocalSizes, root: Path | None) -> tuple[list[Figure], dict]
             load = max(load, load1())
             details["throughput"].append({**tp, "load": load})
             figures += throughput_figures(tp, load, source)
+            say(f"batched-client training (groups {', '.join(map(str, sizes.groups))}) vs bare loop, "
+                f"{threads} thread(s)")
+            load = load1()
+            bt = batched_throughput(data, spec, threads, sizes)
+            load = max(load, load1())
+            details["batched"].append({**bt, "load": load})
+            figures += batched_figures(bt, load, source)
             say(f"Fisher cost vs 10-epoch training, {threads} thread(s)")
             load = load1()
             fc = fisher_cost(data, spec, threads, sizes)
@@ -170,6 +227,23 @@ def throughput_figures(tp: dict, load: float, source: str) -> list[Figure]:
         Figure(f"train_throughput_ratio_t{t}", "Training throughput ours / bare", tp["ratio"], "x", ">=", 0.95,
                threads=str(t), load=load, notes="median of per-pair ratios"),
     ]
+
+
+def batched_figures(bt: dict, load: float, source: str) -> list[Figure]:
+    t = bt["threads"]
+    reps = len(bt["seconds"]["bare"])
+    figures = []
+    for g in bt["groups"]:
+        name = f"g{g}"
+        note = (f"{source}; {g} clients of {bt['samples_per_timing']['bare']} samples each (same data, own "
+                f"generators), batch 64, tensor augmentation, vmapped {CHUNK} clients at a time; median of "
+                f"{reps} rounds")
+        figures.append(Figure(f"batched_throughput_g{g}_t{t}", f"Batched-client training, {g} clients (train_group)",
+                              bt[f"{name}_samples_per_s"], "samples/s", threads=str(t), load=load, notes=note))
+        figures.append(Figure(f"batched_ratio_g{g}_t{t}", f"Batched-client (vmap) training, {g} clients / bare loop",
+                              bt[f"{name}_ratio"], "x", ">=", BATCHED_TARGET, threads=str(t), load=load,
+                              notes="median of per-round ratios of samples/s; bare loop timed in the same rounds"))
+    return figures
 
 
 def fisher_figures(fc: dict, load: float, source: str) -> list[Figure]:

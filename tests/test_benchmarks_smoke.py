@@ -50,7 +50,7 @@ def test_targets_and_the_report_files(tmp_path: Path) -> None:
     json_path, md_path = write_results(tmp_path, meta, figures, {})
     assert len(json.loads(json_path.read_text())["figures"]) == len(figures)
     text = md_path.read_text()
-    assert "FAIL" in text and "pass" in text and text.count("not measured") >= 3
+    assert "FAIL" in text and "pass" in text and "not measured" in text
 
 
 @pytest.mark.slow
@@ -64,5 +64,6 @@ def test_quick_mode_runs_and_writes_both_results_files(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
     keys = {f["key"] for f in data["figures"]}
-    assert {"train_throughput_ratio_t1", "fisher_fraction_layers_t1", "round_seconds_fdcr_one_t1"} <= keys
+    assert {"train_throughput_ratio_t1", "fisher_fraction_layers_t1", "round_seconds_fdcr_one_t1",
+            "batched_ratio_g5_t1"} <= keys
     assert (tmp_path / "RESULTS.md").read_text().startswith("# fdcr_mpi benchmarks")

@@ -200,3 +200,17 @@ def test_bad_scale_setting_is_one_sentence_from_the_cli(tmp_path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "clients_per_round" in result.stderr
+
+
+@requires_mpi
+def test_batched_clients_give_the_same_model_however_launched(tmp_path) -> None:
+    """train.batch_clients=5: groups [0-4] and [5-9] never span ranks, so the model is the same
+    in one process and under 2, 3 or 4 ranks; the first round matches sequential training."""
+    args = ["run", *TINY, "train.batch_clients=5", "--quiet"]
+    single = final_sha(launch([*args, "--out", str(tmp_path / "one")], None))
+    for n in (2, 3, 4):
+        assert final_sha(launch([*args, "--out", str(tmp_path / f"n{n}")], n)) == single, f"-n {n} differs"
+    final_sha(launch(["run", *TINY, "--quiet", "--out", str(tmp_path / "sequential")], 3))
+    with h5py.File(tmp_path / "one" / "run.h5") as f, h5py.File(tmp_path / "sequential" / "run.h5") as g:
+        np.testing.assert_allclose(f["rounds/train_loss"][0], g["rounds/train_loss"][0], rtol=1e-4)
+        np.testing.assert_array_equal(f["rounds/removed"][0], g["rounds/removed"][0])
