@@ -451,7 +451,7 @@ def run_local(sweep: Sweep, *, jobs: int, ranks: int = 1, data_root: str | None 
     """
     from rich.console import Console
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)  # never break a path across lines
     run_states = states(sweep)
     check_no_conflicts(sweep, run_states)
     todo = pending(sweep, run_states)
