@@ -52,7 +52,7 @@ QUICK = Plan("quick", LocalSizes(samples=1024, throughput_epochs=1, repeats=9, f
              scale=ScaleSizes(train_samples=3000, rounds=2, timeout=300,
                               runs=(ScaleRun(10, None, "auto"), ScaleRun(100, None, "auto"))))
 FULL = Plan("full", LocalSizes(samples=5400, throughput_epochs=1, repeats=9, fisher_repeats=3, threads=(1, 2)),
-            comm_repeats=200, comm_timeout=300, round_epochs=5, round_rounds=3, round_timeout=900,
+            comm_repeats=200, comm_timeout=300, round_epochs=10, round_rounds=3, round_timeout=900,
             round_launches=("one_t1", "mpi3_t1", "one_t2"), paper_epochs=10, paper_train_samples=None,
             paper_threads=(1, 2), paper_timeout=1800,
             scale=ScaleSizes(train_samples=20000, rounds=3, timeout=900,

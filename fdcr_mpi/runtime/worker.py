@@ -130,7 +130,6 @@ class ClientRunner:
         inject_fault(cfg.runtime.fault, self.rank, k, round_, self.blocks, row)
         self.blocks.meta[row, FINITE] = float(row_is_usable(self.blocks, row))
 
-
     def reported_fisher(self, data: ClientData, attacker: bool, generator: torch.Generator) -> torch.Tensor:
         """The Fisher diagonal the client sends: its own (section 1.2), or an attacker's forgery."""
         cfg = self.exp.config
