@@ -22,6 +22,7 @@ from pathlib import Path
 from benchmarks.common import REPO, Figure, has_mpiexec, load1, say, shared_data_root
 from benchmarks.local import LocalSizes
 from benchmarks.scale import ScaleRun, ScaleSizes
+from fdcr_mpi.runtime.allocator import tune_malloc
 
 SECTIONS = ("local", "comm", "rounds", "paper", "scale")
 
@@ -140,6 +141,8 @@ def notes(plan: Plan, root: Path | None, errors: dict[str, str]) -> list[str]:
         "rank's train and Fisher sums separately, so under MPI the two maxima may come from different ranks.",
         "Speed-up runs use runtime.threads and OMP_NUM_THREADS as listed; rank 0 (server) hosts no client "
         "and sleeps while the two client ranks train.",
+        "glibc's mmap/trim thresholds are raised (runtime.malloc: tuned, the runs' default) in every process, "
+        "the in-process bare loops included, so ours and bare are compared under the same allocator.",
     ]
     if root is None:
         items.append("Fashion-MNIST files not found: the paper round was skipped and the local benchmarks "
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, local=replace(plan.local, threads=tuple(args.threads)), paper_threads=tuple(args.threads))
     root = shared_data_root()
     meta = machine_meta(plan, root)
+    # as every run does by default (runtime.malloc: tuned); the bare loops share this process
+    meta["malloc_tuned"] = tune_malloc()
     meta["threads"] = {"local": list(plan.local.threads), "runs": list(plan.round_launches),
                        "paper": list(plan.paper_threads)}
     started = time.perf_counter()

@@ -14,11 +14,10 @@ is never touched. With ``drop_last=False`` a step whose clients have batches of 
 sizes pads the shorter ones and weighs each real sample by 1/(its client's batch size), so
 every client's loss and gradient are the mean over its real samples.
 
-A step evaluates the active models ``chunk`` (default ``CHUNK`` = 5) at a time: on a two-core
-CPU, one vmapped computation over ten SimpleCNNs (about 100 MB of activations per step) is
-slower per model than two of five, because of cache misses and page faults on the larger
-tensors. A client's result does not depend on the chunk or on the other clients, to float
-tolerance.
+A step evaluates the active models ``chunk`` (default ``CHUNK`` = 5) at a time: a smaller
+computation keeps more of its activations in cache (5 and 10 measured alike on a two-core CPU
+once the allocator reuses its buffers, see ``runtime.allocator``; 3 is slower). A client's
+result does not depend on the chunk or on the other clients, to float tolerance.
 
 Each client draws from its own generator in the sequential order (one ``randperm`` per epoch,
 then one ``ClientData.inputs`` call per batch), so its random stream, and the generator's state
@@ -35,9 +34,16 @@ same numbers as the layers they replace. Gradients come from ordinary autograd t
 vmapped forward rather than from ``torch.func.grad``: under ``grad`` every backward op would
 again go through vmap's batch rules (more per-op overhead and the same layout copies).
 
-Measured on a busy two-core CPU with one thread, this mode trains about as many samples per
-second as a bare single-model PyTorch loop (0.9x to 1.2x, G = 5 or 10): the convolutions,
-which cost the same per model batched or not, are about half of a step.
+Grayscale datasets (MNIST, Fashion-MNIST) reach the model as one channel repeated three times
+(``model_input``, a view). ``_stack_images`` then stores that channel once, and the first
+convolution's vmap rule convolves it with each filter summed over its input channels: the same
+function, a third of the work, and autograd of the sum gives each input channel the same filter
+gradient, as the three-channel convolution does.
+
+Measured on a two-core CPU with one thread against a bare single-model loop (benchmarks/local.py,
+with ``runtime.allocator``'s thresholds): about 1.6x on Fashion-MNIST and about 1.1x on
+three-channel images, where the grouped first convolution (3 input channels per model) is no
+faster per model than the plain one.
 """
 
 from __future__ import annotations
@@ -203,14 +209,22 @@ def _loss_functions(module: nn.Module) -> tuple[LossFn, LossFn]:
 def _stack_images(xs: list[torch.Tensor], size: int | None = None) -> torch.Tensor:
     """k image batches (b_i, C, H, W) as one (k, size, C, H, W) tensor, zero beyond each b_i,
     stored as (size, H, W, k, C) so that the grouped convolution's (size, k*C, H, W) view of it
-    is channels-last."""
+    is channels-last. Batches that all repeat one channel (grayscale) store that channel once and
+    come back as a view repeating it, which the convolution's vmap rule recognises."""
     _, c, h, w = xs[0].shape
     size = size or xs[0].shape[0]
+    stored = 1 if all(_repeated_channel(x) for x in xs) else c
     make = torch.empty if all(x.shape[0] == size for x in xs) else torch.zeros
-    out = make((size, h, w, len(xs), c), dtype=xs[0].dtype, device=xs[0].device)
+    out = make((size, h, w, len(xs), stored), dtype=xs[0].dtype, device=xs[0].device)
     for i, x in enumerate(xs):
-        out[: x.shape[0], :, :, i].copy_(x.permute(0, 2, 3, 1))
-    return out.permute(3, 0, 4, 1, 2)
+        out[: x.shape[0], :, :, i].copy_(x[:, :stored].permute(0, 2, 3, 1))
+    return out.permute(3, 0, 4, 1, 2).expand(len(xs), size, c, h, w)
+
+
+def _repeated_channel(x: torch.Tensor) -> bool:
+    """Whether the (B, C, H, W) batch ``x`` is one channel repeated C > 1 times as a view (what
+    ``model_input`` makes of a grayscale image): its channel stride is 0."""
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 0
 
 
 def _padded(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -274,6 +288,10 @@ def _conv2d_vmap(info, in_dims, x, weight, bias, stride, padding, dilation, grou
         return out.unflatten(0, (g, -1)), 0
     w = _stacked(weight, w_dim, g)
     b = None if bias is None else _stacked(bias, b_dim, g)
+    if groups == 1 and x_dim is not None and x_dim < x.dim() - 3 and x.shape[-3] > 1 and x.stride(-3) == 0:
+        # one channel repeated (a grayscale image): sum_c w_c * x = (sum_c w_c) * x, computed
+        # on that one channel; autograd of the sum hands every w_c the same gradient
+        x, w = x.narrow(-3, 0, 1), w.sum(dim=1, keepdim=True)
     out = F.conv2d(_into_channels(x, x_dim, g), w, b, stride, padding, dilation, groups * g)
     out = out.unflatten(-3, (g, -1))
     return out, out.dim() - 4

@@ -128,6 +128,9 @@ class RuntimeConfig(Section):
     """How the run executes. Nothing here changes the results, so none of it is in the config hash."""
 
     threads: int | None = pydantic.Field(None, ge=1)
+    malloc: Literal["tuned", "default"] = "tuned"
+    """tuned: raise glibc's mmap and trim thresholds so activations are reused, not page-faulted
+    (runtime.allocator); default: leave the C allocator as it is."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cuda_aware_mpi: Literal["auto", "yes", "no"] = "auto"
     checkpoint_every: int = pydantic.Field(1, ge=1)

@@ -198,3 +198,57 @@ def test_the_twin_under_vmap_equals_a_loop_over_models_and_inputs() -> None:
         functional_call(module, {n: v[i] for n, v in stacked.items()}, (xs[0],)) for i in range(3)]), **TOL)
     shared_weights = vmap(lambda x: functional_call(twin, shared, (x,)))(xs)
     torch.testing.assert_close(shared_weights, torch.stack([module(x) for x in xs]), **TOL)
+
+
+def gray(data: ClientData) -> ClientData:
+    """The client's images as one-channel (grayscale) batches, the layout of MNIST and FMNIST."""
+    return ClientData(x=data.x[:, :1].contiguous(), y=data.y, poisoned=data.poisoned, trigger=data.trigger,
+                      true_y=data.true_y)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_grayscale_clients_equal_sequential_local_train(drop_last: bool) -> None:
+    """Grayscale inputs take the one-channel first convolution (summed filters), padded batches
+    and a triggered attacker included; the result is still each client's local_train."""
+    clients, spec = [gray(c) for c in CLIENTS], SPECS["fmnist"]
+    model = build_model("simple_cnn", 0)
+    seq, seq_losses = [], []
+    for data, gen in zip(clients, generators(SEEDS)):
+        model.load(START)
+        seq_losses.append(local_train(model, data, spec, settings(drop_last), gen))
+        seq.append(model.flat.clone())
+    out, losses = train_group(build_model("simple_cnn", 0), START, clients, spec, settings(drop_last),
+                              generators(SEEDS))
+    torch.testing.assert_close(out, torch.stack(seq), **TOL)
+    assert float((out[0] - START).abs().max()) > 1e-2
+    assert losses[:2] == pytest.approx(seq_losses[:2], rel=1e-5)
+
+
+def test_the_twin_on_a_repeated_channel_convolves_one_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = SimpleCNN()
+    twin = batched_twin(module)
+    gen = torch.Generator().manual_seed(1)
+    stacked = {n: (p.detach() + 0.01 * torch.randn(3, *p.shape, generator=gen)).requires_grad_()
+               for n, p in module.named_parameters()}
+    one = torch.randn(3, 4, 1, 32, 32, generator=gen)
+    repeated = one.expand(3, 4, 3, 32, 32)  # a view: channel stride 0
+    copied = repeated.contiguous()  # the same numbers, three real channels
+    forward = vmap(lambda p, x: functional_call(twin, p, (x,)))
+    seen: list[tuple[int, int]] = []
+    conv2d = F.conv2d
+
+    def spy(x: torch.Tensor, weight: torch.Tensor, *args):
+        seen.append((x.shape[1], weight.shape[1]))
+        return conv2d(x, weight, *args)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    fast = forward(stacked, repeated)
+    (g_fast,) = torch.autograd.grad(fast.sum(), [stacked["conv1.weight"]])
+    assert seen[0] == (3, 1)  # first convolution: the 3 models' one channel, filters summed
+    seen.clear()
+    slow = forward(stacked, copied)
+    (g_slow,) = torch.autograd.grad(slow.sum(), [stacked["conv1.weight"]])
+    assert seen[0] == (9, 3)
+    torch.testing.assert_close(fast, slow, **TOL)
+    torch.testing.assert_close(g_fast, g_slow, **TOL)
+    assert torch.equal(g_fast[:, :, 0], g_fast[:, :, 1]) and torch.equal(g_fast[:, :, 0], g_fast[:, :, 2])

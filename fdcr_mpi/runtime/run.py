@@ -24,6 +24,7 @@ from fdcr_mpi.defenses.base import Defense
 from fdcr_mpi.errors import Preempted, UserError
 from fdcr_mpi.experiment import Experiment, build_experiment
 from fdcr_mpi.runtime import sentinel
+from fdcr_mpi.runtime.allocator import tune_malloc
 from fdcr_mpi.runtime.devices import default_threads, select_device
 from fdcr_mpi.runtime.server import Server, StopFlag, weights_sha256
 from fdcr_mpi.runtime.transport import client_blocks, fail_job, make_transport
@@ -152,9 +153,12 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def setup_threads(config: BaseConfig, ranks_on_node: int) -> None:
-    threads = config.runtime.threads or default_threads(ranks_on_node)
-    torch.set_num_threads(threads)
+def setup_process(config: BaseConfig, ranks_on_node: int) -> None:
+    """This process's intra-op threads and, unless ``runtime.malloc`` is ``default``, the C
+    allocator's thresholds (``allocator.tune_malloc``)."""
+    torch.set_num_threads(config.runtime.threads or default_threads(ranks_on_node))
+    if config.runtime.malloc == "tuned":
+        tune_malloc()
 
 
 def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_kind: str = "auto",
@@ -170,7 +174,7 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
     lock = None
     try:
         local = transport.local_rank()
-        setup_threads(config, _ranks_on_node(transport))
+        setup_process(config, _ranks_on_node(transport))
         device = select_device(config.runtime.device, local)
         client_ids = transport.clients_of(transport.rank, config.data.num_clients, config.train.batch_clients)
         defense = create(config.defense.name, **getattr(config, config.defense.name).model_dump())
