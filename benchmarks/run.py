@@ -43,19 +43,20 @@ class Plan:
     paper_train_samples: int | None
     paper_threads: tuple[int, ...]
     paper_timeout: float
+    paper_mpi: bool
     scale: ScaleSizes
 
 
 QUICK = Plan("quick", LocalSizes(samples=1024, throughput_epochs=1, repeats=9, fisher_repeats=1, threads=(1,)),
              comm_repeats=30, comm_timeout=120, round_epochs=2, round_rounds=2, round_timeout=180,
              round_launches=("one_t1", "mpi3_t1"), paper_epochs=1, paper_train_samples=5400,
-             paper_threads=(1,), paper_timeout=300,
+             paper_threads=(1,), paper_timeout=300, paper_mpi=True,
              scale=ScaleSizes(train_samples=3000, rounds=2, timeout=300,
                               runs=(ScaleRun(10, None, "auto"), ScaleRun(100, None, "auto"))))
 FULL = Plan("full", LocalSizes(samples=5400, throughput_epochs=1, repeats=9, fisher_repeats=3, threads=(1, 2)),
             comm_repeats=200, comm_timeout=300, round_epochs=10, round_rounds=3, round_timeout=900,
             round_launches=("one_t1", "mpi3_t1", "one_t2"), paper_epochs=10, paper_train_samples=None,
-            paper_threads=(1, 2), paper_timeout=1800,
+            paper_threads=(1, 2), paper_timeout=1800, paper_mpi=True,
             scale=ScaleSizes(train_samples=20000, rounds=3, timeout=900,
                              runs=(ScaleRun(10, None, "auto"), ScaleRun(100, None, "auto"), ScaleRun(100, None, "gather"),
                                    ScaleRun(1000, 100, "auto"))))
@@ -101,7 +102,7 @@ def sections(plan: Plan, args: argparse.Namespace, root: Path | None,
         "comm": lambda: run_comm(plan.comm_repeats, plan.comm_timeout, scratch),
         "rounds": lambda: speedup_runs(round_sizes(plan, root), scratch),
         "paper": lambda: paper_round(root, epochs, plan.paper_train_samples, plan.paper_threads, scratch,
-                                     plan.paper_timeout),
+                                     plan.paper_timeout, plan.paper_mpi),
         "scale": lambda: run_scale(plan.scale, root, scratch),
     }
 

@@ -18,6 +18,7 @@ from fdcr_mpi.data.datasets import DatasetSpec, augment, model_input
 from fdcr_mpi.data.poison import apply_trigger
 from fdcr_mpi.models import FlatModel, FlatSGD
 
+LAYER_CHUNK = 128  # samples per backward of the "layers" Fisher: its unfolded inputs stay in cache
 
 @dataclass
 class ClientData:
@@ -121,7 +122,7 @@ def empirical_fisher(model: FlatModel, data: ClientData, spec: DatasetSpec, idx:
     module = model.module
     module.eval()
     if backend == "layers" and fisher_layers.supports(module):
-        return _layer_fisher(model, data, spec, idx, chunk_size or 256)
+        return _layer_fisher(model, data, spec, idx, chunk_size or LAYER_CHUNK)
     params = {k: v.detach() for k, v in module.named_parameters()}
     buffers = {k: v.detach() for k, v in module.named_buffers()}
 

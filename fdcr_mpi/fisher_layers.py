@@ -6,6 +6,8 @@ per-sample gradient tensor of the whole model:
 
 - Linear:    grad_i W = g_i a_i^T                      ->  sum_i grad_i W^2 = (g^2)^T (a^2)
 - Conv2d:    grad_i W = G_i U_i^T (U_i = unfold(a_i))  ->  squared, summed over i
+             (an input repeating one channel, as grayscale images reach the model, is
+             unfolded once: every input channel has the same per-sample gradient)
 - BatchNorm (eval mode, an affine map per channel): grad_i gamma = sum_p g_i xhat_i, grad_i beta = sum_p g_i
 
 The loss is summed over the chunk (not averaged), so g_i is the gradient of sample i's own
@@ -34,10 +36,15 @@ def supports(module: nn.Module) -> bool:
 
 
 def _conv_sq(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
-    b = a.shape[0]
+    b, channels = a.shape[:2]
+    repeated = channels > 1 and a.stride(1) == 0  # one channel repeated (grayscale): unfold it once
+    if repeated:
+        a = a[:, :1]
     u = F.unfold(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (B, C k k, L)
     per_sample = torch.bmm(g.reshape(b, g.shape[1], -1), u.transpose(1, 2))  # (B, O, C k k)
-    out = [per_sample.square().sum(0).reshape(layer.weight.shape)]
+    sq = per_sample.square().sum(0).reshape(layer.weight.shape[0], -1, *layer.weight.shape[2:])
+    # every input channel of a repeated input has the same per-sample gradient
+    out = [sq.expand(layer.weight.shape).contiguous() if repeated else sq]
     if layer.bias is not None:
         out.append(g.sum(dim=(2, 3)).square().sum(0))
     return out

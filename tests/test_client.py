@@ -92,6 +92,33 @@ def test_empirical_fisher_matches_a_per_sample_loop(poisoned: bool, chunk: int |
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-9)
 
 
+def test_layer_fisher_unfolds_a_repeated_channel_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grayscale inputs (one channel repeated as a view) and the same images as three real
+    channels give the same Fisher; only the first unfolds three channels."""
+    from fdcr_mpi import fisher_layers
+
+    model = build_model("simple_cnn", 3)
+    gray = make_client(23)
+    rgb = ClientData(x=gray.x.expand(-1, 3, -1, -1).contiguous(), y=gray.y, poisoned=gray.poisoned)
+    idx = torch.arange(len(gray))
+    unfolded: list[int] = []
+    unfold = F.unfold
+
+    def spy(a: torch.Tensor, *args) -> torch.Tensor:
+        unfolded.append(a.shape[1])
+        return unfold(a, *args)
+
+    monkeypatch.setattr(fisher_layers.F, "unfold", spy)
+    ours = empirical_fisher(model, gray, SPEC, idx, None, "layers")
+    assert unfolded[0] == 1
+    unfolded.clear()
+    theirs = empirical_fisher(model, rgb, SPEC, idx, None, "layers")
+    assert unfolded[0] == 3
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-12)
+    conv1 = ours[: 6 * 3 * 25].reshape(6, 3, 25)
+    assert torch.equal(conv1[:, 0], conv1[:, 1]) and torch.equal(conv1[:, 0], conv1[:, 2])
+
+
 def test_empirical_fisher_sees_the_trigger_of_poisoned_rows() -> None:
     model = build_model("simple_cnn", 3)
     clean, dirty = make_client(20, False), make_client(20, True)
