@@ -42,7 +42,7 @@ def cases(transport: MpiTransport) -> dict[str, Callable[[], None]]:
     return {
         "ours_bcast": lambda: transport.broadcast(vector),
         "raw_bcast": lambda: comm.Bcast(vector, root=0),
-        "ours_gather": lambda: transport.gather_rows(rows, recv, K),
+        "ours_gather": lambda: transport.gather_rows(rows, recv, [len(b) for b in client_blocks(K, size)]),
         "raw_gather": lambda: comm.Gatherv([rows, mpi.FLOAT], raw_recv, root=0),
         "ours_bcast_quiet": lambda: (transport.wait_quietly(), transport.broadcast(vector)),
     }

@@ -20,6 +20,7 @@ from fdcr_mpi.models import FlatModel, FlatSGD
 
 LAYER_CHUNK = 128  # samples per backward of the "layers" Fisher: its unfolded inputs stay in cache
 
+
 @dataclass
 class ClientData:
     """A client's local data as trained on.

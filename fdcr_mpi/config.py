@@ -131,6 +131,10 @@ class RuntimeConfig(Section):
     malloc: Literal["tuned", "default"] = "tuned"
     """tuned: raise glibc's mmap and trim thresholds so activations are reused, not page-faulted
     (runtime.allocator); default: leave the C allocator as it is."""
+    parallel_eval: bool = True
+    """Under MPI the client ranks evaluate each round's model on shares of the test sets and
+    rank 0 sums their counts (the same figures); false: rank 0 evaluates alone and the other
+    ranks hold no test set."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cuda_aware_mpi: Literal["auto", "yes", "no"] = "auto"
     checkpoint_every: int = pydantic.Field(1, ge=1)
@@ -231,6 +235,11 @@ def aggregation_path(config: BaseConfig) -> str:
         return config.defense.path
     reducible = available()[config.defense.name].reducible
     return "reduce" if reducible and participants(config) >= REDUCE_FROM else "gather"
+
+
+def parallel_eval(config: BaseConfig, ranks: int) -> bool:
+    """Whether the client ranks evaluate each round's model (``runtime.parallel_eval`` under MPI)."""
+    return config.runtime.parallel_eval and ranks > 1
 
 
 def participants(config: BaseConfig) -> int:

@@ -31,11 +31,20 @@ class EvalSets:
 
     test_x: torch.Tensor
     test_y: torch.Tensor
-    backdoor_x: torch.Tensor  # triggered test images whose true label is not the target
     backdoor_incl_x: torch.Tensor  # every triggered test image (the released code's ASR)
     target: int
     proxy_x: torch.Tensor | None = None
     proxy_y: torch.Tensor | None = None
+
+    @property
+    def backdoor_rows(self) -> torch.Tensor:
+        """Which triggered test images count for the ASR: those whose true label is not the target."""
+        return self.test_y != self.target
+
+    @property
+    def backdoor_x(self) -> torch.Tensor:
+        """The triggered test images whose true label is not the target (a copy)."""
+        return self.backdoor_incl_x[self.backdoor_rows]
 
 
 @dataclass
@@ -100,8 +109,7 @@ def build_eval_sets(config: BaseConfig, train: RawSplit, test: RawSplit, spec: D
     mask = trigger_mask(config.trigger.pattern)[: spec.channels]
     triggered = apply_trigger(test_x, mask, config.trigger.value)
     target = config.attack.target_label
-    sets = EvalSets(test_x=test_x, test_y=test_y, backdoor_x=triggered[test_y != target],
-                    backdoor_incl_x=triggered, target=target)
+    sets = EvalSets(test_x=test_x, test_y=test_y, backdoor_incl_x=triggered, target=target)
     if with_proxy:
         proxy = proxy_indices(val_idx, seeding.numpy_rng(config.seed, seeding.PROXY), config.data.proxy_size)
         sets.proxy_x = preprocess(train.x[proxy], spec)
@@ -110,8 +118,9 @@ def build_eval_sets(config: BaseConfig, train: RawSplit, test: RawSplit, spec: D
 
 
 def build_experiment(config: BaseConfig, client_ids: list[int], server: bool,
-                     with_proxy: bool = False) -> Experiment:
-    """The experiment as seen by a rank hosting ``client_ids`` (and the server's sets if ``server``)."""
+                     with_proxy: bool = False, evaluates: bool = False) -> Experiment:
+    """The experiment as seen by a rank hosting ``client_ids``, with the evaluation sets if it is
+    the ``server`` or ``evaluates`` (the proxy set only on the server, ``with_proxy``)."""
     data = config.data
     train, test, spec = load_raw(data.dataset, data.root, data.download, seed=config.seed)
     train_idx, val_idx = train_val_split(len(train.y), seeding.numpy_rng(config.seed, seeding.SPLIT),
@@ -128,6 +137,6 @@ def build_experiment(config: BaseConfig, client_ids: list[int], server: bool,
     exp = Experiment(config=config, spec=spec, partition=partition, malicious=malicious)
     for k in client_ids:
         exp.clients[k] = build_client(config, train, spec, partition[k], malicious, k)
-    if server:
-        exp.eval_sets = build_eval_sets(config, train, test, spec, val_idx, with_proxy)
+    if server or evaluates:
+        exp.eval_sets = build_eval_sets(config, train, test, spec, val_idx, server and with_proxy)
     return exp

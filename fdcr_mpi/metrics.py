@@ -13,16 +13,22 @@ from fdcr_mpi.models import FlatModel
 
 
 @torch.no_grad()
+def predictions(model: FlatModel, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The top-1 class of ``model`` for every preprocessed image of ``x``, on the CPU; batches
+    move to the model's device."""
+    model.module.eval()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    for start in range(0, x.shape[0], batch_size):
+        batch = model_input(x[start:start + batch_size].to(model.flat.device))
+        out[start:start + batch_size] = model.module(batch).argmax(dim=1).cpu()
+    return out
+
+
 def accuracy(model: FlatModel, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     """Top-1 accuracy in % of ``model`` on preprocessed images ``x`` with labels ``y``."""
     if y.numel() == 0:
         return float("nan")
-    model.module.eval()
-    correct = 0
-    for start in range(0, y.numel(), batch_size):
-        logits = model.module(model_input(x[start:start + batch_size]))
-        correct += int((logits.argmax(dim=1) == y[start:start + batch_size]).sum())
-    return 100.0 * correct / y.numel()
+    return 100.0 * int((predictions(model, x, batch_size) == y.cpu()).sum()) / y.numel()
 
 
 def backdoor_failure_rate(asr: float) -> float:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.mpi
@@ -19,6 +20,7 @@ MPIEXEC = BIN / "mpiexec"
 FDCR = BIN / "fdcr-mpi"
 # A tiny run: the built-in digits data, 3 rounds, 1 local epoch, one thread per process.
 TINY = ["data.dataset=digits", "rounds=3", "train.local_epochs=1", "runtime.threads=1", "fisher.max_samples=32"]
+EVAL_COLUMNS = ("A", "asr", "asr_incl_target", "R", "V")
 
 requires_mpi = pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable} "
                                   "(install the extra: pip install 'fdcr_mpi[mpi]')")
@@ -48,18 +50,25 @@ def final_sha(result: subprocess.CompletedProcess) -> str:
 @requires_mpi
 @pytest.mark.parametrize("defense", ["fdcr", "fedavg"])
 def test_final_model_is_bitwise_identical_however_launched(tmp_path: Path, defense: str) -> None:
-    args = ["run", *TINY, f"defense.name={defense}", "--quiet"]
+    args = ["run", *TINY, f"defense.name={defense}", "eval.batch_size=50", "--quiet"]  # several test batches
     single = final_sha(launch([*args, "--out", str(tmp_path / "one")], None))
     with h5py.File(tmp_path / "one" / "run.h5") as f:
         assert f.attrs["final_sha256"] == single and f.attrs["status"] == "complete"
         assert f["rounds/A"].shape == (3,)
-    launches = {2: False, 3: True, 4: False, 12: True}  # -n 12: more ranks than the 10 clients
-    for n, module in launches.items():
+        scores = {name: f[f"rounds/{name}"][()] for name in EVAL_COLUMNS}
+    assert 0 < scores["A"].min()
+    # -n 12: more ranks than the 10 clients; the client ranks evaluate on shares of the test
+    # batches, except in the last launch, where rank 0 evaluates alone
+    launches = {2: (False, []), 3: (True, []), 4: (False, []), 12: (True, []),
+                3.5: (False, ["runtime.parallel_eval=false"])}
+    for n, (module, extra) in launches.items():
         out = tmp_path / f"n{n}"
-        sha = final_sha(launch([*args, "--out", str(out)], n, module=module))
-        assert sha == single, f"mpiexec -n {n} gave a different final model"
+        sha = final_sha(launch([*args, *extra, "--out", str(out)], int(n), module=module))
+        assert sha == single, f"mpiexec -n {int(n)} {extra} gave a different final model"
         with h5py.File(out / "run.h5") as f:
             assert f.attrs["final_sha256"] == single
+            for name, values in scores.items():
+                np.testing.assert_array_equal(f[f"rounds/{name}"][()], values, err_msg=f"{name}, -n {int(n)} {extra}")
 
 
 @requires_mpi

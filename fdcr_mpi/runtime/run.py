@@ -18,7 +18,7 @@ import torch
 
 from fdcr_mpi import __version__, metrics
 from fdcr_mpi.checkpoint import RunLock, load_latest_checkpoint, write_checkpoint
-from fdcr_mpi.config import BaseConfig, aggregation_path, config_hash, to_yaml
+from fdcr_mpi.config import BaseConfig, aggregation_path, config_hash, parallel_eval, to_yaml
 from fdcr_mpi.defenses import create
 from fdcr_mpi.defenses.base import Defense
 from fdcr_mpi.errors import Preempted, UserError
@@ -178,7 +178,8 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
         device = select_device(config.runtime.device, local)
         client_ids = transport.clients_of(transport.rank, config.data.num_clients, config.train.batch_clients)
         defense = create(config.defense.name, **getattr(config, config.defense.name).model_dump())
-        exp = build_experiment(config, client_ids, server=transport.is_server, with_proxy=defense.needs_proxy)
+        exp = build_experiment(config, client_ids, server=transport.is_server, with_proxy=defense.needs_proxy,
+                               evaluates=parallel_eval(config, transport.size))
         runner = ClientRunner(exp, client_ids, with_fisher=defense.needs_fisher, device=device,
                               pinned=device.type == "cuda", rank=transport.rank)
         if transport.is_server:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fdcr_mpi import metrics, seeding
-from fdcr_mpi.config import aggregation_path, participants
+from fdcr_mpi import evaluation, metrics, seeding
+from fdcr_mpi.config import aggregation_path, parallel_eval, participants
 from fdcr_mpi.defenses.base import Defense, ProxyData, RoundInputs, RoundResult
 from fdcr_mpi.experiment import Experiment
 from fdcr_mpi.models import build_model
@@ -147,10 +147,10 @@ class Server:
             quarantined = meta[:, FINITE] == 0
         lap("defend")
         new_weights = result.weights.detach().to(torch.float32).cpu()
-        evaluation = self.evaluate(new_weights)
+        scores = self.evaluate(new_weights)
         lap("evaluate")
         seconds["train"], seconds["fisher"] = self.per_rank_seconds(meta, plan)
-        row = self.make_row(t, result, quarantined, evaluation, meta, plan)
+        row = self.make_row(t, result, quarantined, scores, meta, plan)
         self.recorder.record_round(t, row, new_weights, self.defense, seconds, round_start)
         return new_weights
 
@@ -165,15 +165,20 @@ class Server:
         return defend_with_quarantine(self.defense, inputs)
 
     def evaluate(self, weights: torch.Tensor) -> dict[str, float]:
-        """A, ASR (true label not the target), ASR including target-class images, R, V."""
-        sets, bs = self.exp.eval_sets, self.exp.config.eval.batch_size
-        self.model.load(weights.to(self.device))
-        target = lambda x: torch.full((x.shape[0],), sets.target, dtype=torch.int64)  # noqa: E731
-        a = metrics.accuracy(self.model, sets.test_x, sets.test_y, bs)
-        asr = metrics.accuracy(self.model, sets.backdoor_x, target(sets.backdoor_x), bs)
-        asr_incl = metrics.accuracy(self.model, sets.backdoor_incl_x, target(sets.backdoor_incl_x), bs)
-        r = metrics.backdoor_failure_rate(asr)
-        return {"A": a, "asr": asr, "asr_incl_target": asr_incl, "R": r, "V": metrics.v_score(a, r)}
+        """A, ASR (true label not the target), ASR including target-class images, R, V of the
+        round's model: here, or on the client ranks, which rank 0 sends it to (``evaluation``)."""
+        cfg, sets = self.exp.config, self.exp.eval_sets
+        if parallel_eval(cfg, self.transport.size):
+            self.transport.wait_quietly()
+            self.transport.broadcast(np.ascontiguousarray(weights.numpy(), dtype=np.float32))
+            counts = np.zeros(evaluation.COUNTS, dtype=np.int64)  # rank 0 adds nothing
+            self.transport.wait_quietly()
+            self.transport.sum_int64(counts, to_all=False)
+        else:
+            self.model.load(weights.to(self.device))
+            counts = evaluation.count_hits(self.model, sets, evaluation.batches(sets, cfg.eval.batch_size),
+                                           cfg.eval.batch_size)
+        return evaluation.scores(counts, sets)
 
     @staticmethod
     def per_rank_seconds(meta: np.ndarray, plan: RoundPlan) -> tuple[float, float]:
@@ -184,7 +189,7 @@ class Server:
         fisher = max((meta[s, FISHER_SECONDS].sum() for s in spans), default=0.0)
         return float(train), float(fisher)
 
-    def make_row(self, t: int, result: RoundResult, quarantined: np.ndarray, evaluation: dict[str, float],
+    def make_row(self, t: int, result: RoundResult, quarantined: np.ndarray, scores: dict[str, float],
                  meta: np.ndarray, plan: RoundPlan) -> dict[str, object]:
         """The round's row: per-client columns have K entries (non-participants: alpha 0, NaN)."""
         k = self.exp.num_clients
@@ -192,7 +197,7 @@ class Server:
         removed = np.asarray(result.removed, bool)
         tpr, fpr = metrics.detection_rates(removed, self.exp.malicious[plan.selected])
         row: dict[str, object] = {
-            "round": t, **evaluation, "tpr": tpr, "fpr": fpr,
+            "round": t, **scores, "tpr": tpr, "fpr": fpr,
             "alpha": plan.spread(sizes / sizes.sum(), k, 0.0),
             "alpha_hat": plan.spread(np.asarray(result.alpha_hat, np.float64), k, 0.0),
             "removed": plan.spread(removed, k, False), "quarantined": plan.spread(quarantined, k, False),

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fdcr_mpi import seeding
+from fdcr_mpi import evaluation, seeding
 from fdcr_mpi.client import (
     ClientData,
     batch_mean_sq_fisher,
@@ -17,7 +17,7 @@ from fdcr_mpi.client import (
     fisher_samples,
     local_train,
 )
-from fdcr_mpi.config import Config, aggregation_path
+from fdcr_mpi.config import Config, aggregation_path, parallel_eval
 from fdcr_mpi.defenses.base import Defense, RoundResult
 from fdcr_mpi.experiment import Experiment
 from fdcr_mpi.models import FlatModel, build_model
@@ -182,12 +182,18 @@ def inject_fault(fault, rank: int, client: int, round_: int, blocks: SendBlocks,
 
 
 def worker_loop(transport, runner: ClientRunner, defense: Defense) -> None:
-    """Client rank: wait for a header, receive w_t, train, send rows; until the server says stop."""
+    """Client rank: wait for a header, receive w_t, train, send rows (and evaluate w_{t+1} on its
+    share of the test batches); until the server says stop."""
     cfg = runner.exp.config
     blocks = client_blocks(cfg.data.num_clients, transport.size, cfg.train.batch_clients)
     path = aggregation_path(cfg)
     header = np.zeros(2, dtype=np.int64)
     weights = host_buffer((runner.model.size,), np.float32, pinned=runner.device.type == "cuda")
+    evaluates = parallel_eval(cfg, transport.size)
+    if evaluates:  # this rank's share of the evaluation batches, the same every round
+        sets = runner.exp.eval_sets
+        mine = evaluation.share(evaluation.batches(sets, cfg.eval.batch_size), transport.rank - 1,
+                                transport.size - 1)
     while True:
         transport.wait_quietly()
         transport.broadcast(header)
@@ -203,6 +209,13 @@ def worker_loop(transport, runner: ClientRunner, defense: Defense) -> None:
             gather_blocks(transport, runner.blocks, None, plan.rows_per_rank)
         else:
             reduce_round(transport, defense, plan, runner.blocks, global_weights, runner.model.trainable, t, cfg)
+        if evaluates:  # Server.evaluate: receive w_{t+1}, count on this rank's batches, sum on rank 0
+            transport.wait_quietly()
+            transport.broadcast(weights)
+            runner.model.load(torch.from_numpy(weights).to(runner.device))
+            counts = evaluation.count_hits(runner.model, sets, mine, cfg.eval.batch_size)
+            transport.wait_quietly()
+            transport.sum_int64(counts, to_all=False)
 
 
 def gather_blocks(transport, blocks: SendBlocks, recv: SendBlocks | None, rows_per_rank: list[int]) -> None:
