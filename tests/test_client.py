@@ -92,28 +92,28 @@ def test_empirical_fisher_matches_a_per_sample_loop(poisoned: bool, chunk: int |
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-9)
 
 
-def test_layer_fisher_unfolds_a_repeated_channel_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_layer_fisher_correlates_a_repeated_channel_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Grayscale inputs (one channel repeated as a view) and the same images as three real
-    channels give the same Fisher; only the first unfolds three channels."""
+    channels give the same Fisher; only the latter computes three channels' gradients."""
     from fdcr_mpi import fisher_layers
 
     model = build_model("simple_cnn", 3)
     gray = make_client(23)
     rgb = ClientData(x=gray.x.expand(-1, 3, -1, -1).contiguous(), y=gray.y, poisoned=gray.poisoned)
     idx = torch.arange(len(gray))
-    unfolded: list[int] = []
-    unfold = F.unfold
+    channels: list[int] = []
+    per_sample = fisher_layers._per_sample_weight_grads
 
-    def spy(a: torch.Tensor, *args) -> torch.Tensor:
-        unfolded.append(a.shape[1])
-        return unfold(a, *args)
+    def spy(layer: torch.nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        channels.append(a.shape[1])
+        return per_sample(layer, a, g)
 
-    monkeypatch.setattr(fisher_layers.F, "unfold", spy)
+    monkeypatch.setattr(fisher_layers, "_per_sample_weight_grads", spy)
     ours = empirical_fisher(model, gray, SPEC, idx, None, "layers")
-    assert unfolded[0] == 1
-    unfolded.clear()
+    assert channels[0] == 1
+    channels.clear()
     theirs = empirical_fisher(model, rgb, SPEC, idx, None, "layers")
-    assert unfolded[0] == 3
+    assert channels[0] == 3
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-12)
     conv1 = ours[: 6 * 3 * 25].reshape(6, 3, 25)
     assert torch.equal(conv1[:, 0], conv1[:, 1]) and torch.equal(conv1[:, 0], conv1[:, 2])
@@ -176,12 +176,13 @@ def test_local_training_is_deterministic_and_learns() -> None:
 
 
 def test_layer_fisher_matches_the_loop_with_batchnorm_and_strides() -> None:
-    """ResNet-style layers: strided and padded convolutions, BatchNorm in eval mode, no-bias convs."""
+    """ResNet-style layers: strided, padded and dilated convolutions, BatchNorm in eval mode,
+    no-bias convs."""
     torch.manual_seed(0)
     module = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-        torch.nn.Conv2d(4, 5, 3, padding=1), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
-        torch.nn.Linear(20, 10))
+        torch.nn.Conv2d(4, 5, 3, padding=1), torch.nn.Conv2d(5, 5, 3, padding=2, dilation=2, stride=2),
+        torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(20, 10))
     module[1].running_mean.uniform_(-0.5, 0.5)
     module[1].running_var.uniform_(0.5, 2.0)
     model = FlatModel(module)
