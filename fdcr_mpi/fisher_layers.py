@@ -19,6 +19,9 @@ parametrised layers fall back to the vmap path (``fdcr_mpi.client.empirical_fish
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +41,7 @@ def supports(module: nn.Module) -> bool:
 
 
 def _conv_sq(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
-    repeated = a.shape[1] > 1 and a.stride(1) == 0  # one channel repeated (grayscale): use it once
+    repeated = _repeats_one_channel(a)  # one channel repeated (grayscale): use it once
     per_sample = _per_sample_weight_grads(layer, a[:, :1] if repeated else a, g)  # (B, O, C', kh, kw)
     sq = per_sample.square().sum(0)
     # every input channel of a repeated input has the same per-sample gradient
@@ -85,6 +88,33 @@ def _bn_sq(layer: nn.BatchNorm2d, a: torch.Tensor, g: torch.Tensor) -> list[torc
 SQUARED = {nn.Linear: _linear_sq, nn.Conv2d: _conv_sq, nn.BatchNorm2d: _bn_sq}
 
 
+def _repeats_one_channel(a: torch.Tensor) -> bool:
+    """Whether the (B, C, H, W) input repeats one channel C > 1 times as a view (grayscale)."""
+    return a.dim() == 4 and a.shape[1] > 1 and a.stride(1) == 0
+
+
+@contextlib.contextmanager
+def _repeated_channel_once(convs: list[nn.Conv2d]) -> Iterator[None]:
+    """While open, each of ``convs`` given an input that repeats one channel convolves that
+    channel once with its filters summed over their input channels: the same output up to float
+    rounding, a third of the work. Its hooks still see the repeated input."""
+
+    def forward(layer: nn.Conv2d, plain: Callable[[torch.Tensor], torch.Tensor]):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if _repeats_one_channel(x):
+                return layer._conv_forward(x[:, :1], layer.weight.sum(dim=1, keepdim=True), layer.bias)
+            return plain(x)
+        return run
+
+    for layer in convs:
+        layer.forward = forward(layer, layer.forward)
+    try:
+        yield
+    finally:
+        for layer in convs:
+            del layer.forward  # the class's forward again
+
+
 def sum_squared_grads(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """sum_i (d loss_i / d theta)^2 for every parameter, by name, from one forward and one backward."""
     layers = {name: m for name, m in module.named_modules() if isinstance(m, SUPPORTED)
@@ -98,8 +128,9 @@ def sum_squared_grads(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
         return hook
 
     handles = [m.register_forward_hook(keep(name)) for name, m in layers.items()]
+    convs = [m for m in layers.values() if isinstance(m, nn.Conv2d)]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _repeated_channel_once(convs):
             loss = F.cross_entropy(module(x), y, reduction="sum")
             names = list(layers)
             grads = torch.autograd.grad(loss, [outputs[n] for n in names])

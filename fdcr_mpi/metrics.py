@@ -11,16 +11,19 @@ import torch
 from fdcr_mpi.data.datasets import model_input
 from fdcr_mpi.models import FlatModel
 
+PREDICT_CHUNK = 256  # rows per forward pass: larger batches spill the activations out of cache
+
 
 @torch.no_grad()
-def predictions(model: FlatModel, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """The top-1 class of ``model`` for every preprocessed image of ``x``, on the CPU; batches
-    move to the model's device."""
+def predictions(model: FlatModel, x: torch.Tensor, batch_size: int = PREDICT_CHUNK) -> torch.Tensor:
+    """The top-1 class of ``model`` for every preprocessed image of ``x``, on the CPU, computed
+    ``min(batch_size, PREDICT_CHUNK)`` rows at a time on the model's device."""
     model.module.eval()
     out = torch.empty(x.shape[0], dtype=torch.int64)
-    for start in range(0, x.shape[0], batch_size):
-        batch = model_input(x[start:start + batch_size].to(model.flat.device))
-        out[start:start + batch_size] = model.module(batch).argmax(dim=1).cpu()
+    step = min(batch_size, PREDICT_CHUNK)
+    for start in range(0, x.shape[0], step):
+        batch = model_input(x[start:start + step].to(model.flat.device))
+        out[start:start + step] = model.module(batch).argmax(dim=1).cpu()
     return out
 
 

@@ -117,6 +117,8 @@ def test_layer_fisher_correlates_a_repeated_channel_once(monkeypatch: pytest.Mon
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-12)
     conv1 = ours[: 6 * 3 * 25].reshape(6, 3, 25)
     assert torch.equal(conv1[:, 0], conv1[:, 1]) and torch.equal(conv1[:, 0], conv1[:, 2])
+    # the one-channel forward of the first convolution is undone afterwards
+    assert not any("forward" in vars(m) for m in model.module.modules())
 
 
 def test_empirical_fisher_sees_the_trigger_of_poisoned_rows() -> None:
