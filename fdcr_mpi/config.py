@@ -188,7 +188,7 @@ def _parse_overrides(overrides: list[str]) -> Any:
             raise UserError(f"override {item!r} is not of the form key.sub=value")
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+    except (OmegaConfBaseException, yaml.YAMLError, TypeError, ValueError) as exc:
         reason = str(exc).splitlines()[0]
         raise UserError(f"could not parse the overrides {overrides}: {reason}") from None
 
