@@ -240,7 +240,7 @@ def batched_figures(bt: dict, load: float, source: str) -> list[Figure]:
         for name, what, target in ((f"g{g}", "grayscale", BATCHED_TARGET), (f"g{g}_rgb", "3-channel", None)):
             if f"{name}_ratio" not in bt:
                 continue
-            note = (f"{source}, {what}; {g} clients of {bt['samples_per_timing']['bare'] // 64 * 64} samples each "
+            note = (f"{source}, {what}; {g} clients of {bt['samples_per_timing']['bare']} samples each "
                     f"(same data, own generators), batch 64, tensor augmentation, vmapped {CHUNK} clients at a "
                     f"time; median of {reps} rounds")
             label = f"Batched-client training, {g} clients, {what} (train_group)"

@@ -58,7 +58,7 @@ from torch.func import functional_call, vmap
 from torch.nn.modules.utils import _pair
 
 from fdcr_mpi.client import ClientData, TrainSettings, batches
-from fdcr_mpi.data.datasets import DatasetSpec
+from fdcr_mpi.data.datasets import DatasetSpec, repeats_one_channel
 from fdcr_mpi.models import FlatModel
 
 LossFn = Callable[..., torch.Tensor]
@@ -213,18 +213,13 @@ def _stack_images(xs: list[torch.Tensor], size: int | None = None) -> torch.Tens
     come back as a view repeating it, which the convolution's vmap rule recognises."""
     _, c, h, w = xs[0].shape
     size = size or xs[0].shape[0]
-    stored = 1 if all(_repeated_channel(x) for x in xs) else c
+    stored = 1 if all(repeats_one_channel(x) for x in xs) else c
     make = torch.empty if all(x.shape[0] == size for x in xs) else torch.zeros
     out = make((size, h, w, len(xs), stored), dtype=xs[0].dtype, device=xs[0].device)
     for i, x in enumerate(xs):
         out[: x.shape[0], :, :, i].copy_(x[:, :stored].permute(0, 2, 3, 1))
     return out.permute(3, 0, 4, 1, 2).expand(len(xs), size, c, h, w)
 
-
-def _repeated_channel(x: torch.Tensor) -> bool:
-    """Whether the (B, C, H, W) batch ``x`` is one channel repeated C > 1 times as a view (what
-    ``model_input`` makes of a grayscale image): its channel stride is 0."""
-    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 0
 
 
 def _padded(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,7 +283,7 @@ def _conv2d_vmap(info, in_dims, x, weight, bias, stride, padding, dilation, grou
         return out.unflatten(0, (g, -1)), 0
     w = _stacked(weight, w_dim, g)
     b = None if bias is None else _stacked(bias, b_dim, g)
-    if groups == 1 and x_dim is not None and x_dim < x.dim() - 3 and x.shape[-3] > 1 and x.stride(-3) == 0:
+    if groups == 1 and x_dim is not None and x_dim < x.dim() - 3 and repeats_one_channel(x):
         # one channel repeated (a grayscale image): sum_c w_c * x = (sum_c w_c) * x, computed
         # on that one channel; autograd of the sum hands every w_c the same gradient
         x, w = x.narrow(-3, 0, 1), w.sum(dim=1, keepdim=True)

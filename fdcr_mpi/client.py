@@ -18,7 +18,7 @@ from fdcr_mpi.data.datasets import DatasetSpec, augment, model_input
 from fdcr_mpi.data.poison import apply_trigger
 from fdcr_mpi.models import FlatModel, FlatSGD
 
-LAYER_CHUNK = 128  # samples per backward of the "layers" Fisher: its unfolded inputs stay in cache
+LAYER_CHUNK = 128  # samples per backward of the "layers" Fisher: its activations stay in cache
 
 
 @dataclass

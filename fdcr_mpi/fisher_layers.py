@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdcr_mpi.data.datasets import repeats_one_channel
+
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
 
 
@@ -41,7 +43,7 @@ def supports(module: nn.Module) -> bool:
 
 
 def _conv_sq(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
-    repeated = _repeats_one_channel(a)  # one channel repeated (grayscale): use it once
+    repeated = repeats_one_channel(a)  # one channel repeated (grayscale): use it once
     per_sample = _per_sample_weight_grads(layer, a[:, :1] if repeated else a, g)  # (B, O, C', kh, kw)
     sq = per_sample.square().sum(0)
     # every input channel of a repeated input has the same per-sample gradient
@@ -88,11 +90,6 @@ def _bn_sq(layer: nn.BatchNorm2d, a: torch.Tensor, g: torch.Tensor) -> list[torc
 SQUARED = {nn.Linear: _linear_sq, nn.Conv2d: _conv_sq, nn.BatchNorm2d: _bn_sq}
 
 
-def _repeats_one_channel(a: torch.Tensor) -> bool:
-    """Whether the (B, C, H, W) input repeats one channel C > 1 times as a view (grayscale)."""
-    return a.dim() == 4 and a.shape[1] > 1 and a.stride(1) == 0
-
-
 @contextlib.contextmanager
 def _repeated_channel_once(convs: list[nn.Conv2d]) -> Iterator[None]:
     """While open, each of ``convs`` given an input that repeats one channel convolves that
@@ -101,7 +98,7 @@ def _repeated_channel_once(convs: list[nn.Conv2d]) -> Iterator[None]:
 
     def forward(layer: nn.Conv2d, plain: Callable[[torch.Tensor], torch.Tensor]):
         def run(x: torch.Tensor) -> torch.Tensor:
-            if _repeats_one_channel(x):
+            if repeats_one_channel(x):
                 return layer._conv_forward(x[:, :1], layer.weight.sum(dim=1, keepdim=True), layer.bias)
             return plain(x)
         return run

@@ -308,3 +308,9 @@ def augment(x: torch.Tensor, spec: DatasetSpec, generator: torch.Generator) -> t
 def model_input(x: torch.Tensor) -> torch.Tensor:
     """(B, 1, 32, 32) -> (B, 3, 32, 32) by repeating the channel; three channels unchanged."""
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def repeats_one_channel(x: torch.Tensor) -> bool:
+    """Whether the (..., C, H, W) tensor ``x`` is one channel repeated C > 1 times as a view
+    (its channel stride is 0), as ``model_input`` hands a grayscale image to the model."""
+    return x.dim() >= 3 and x.shape[-3] > 1 and x.stride(-3) == 0

@@ -82,6 +82,7 @@ class Server:
             cfg.model.name, seeding.derive_seed(cfg.seed, seeding.MODEL_INIT), device=device)
         self.trainable = self.model.trainable.cpu()
         self.proxy = self._proxy() if defense.needs_proxy else None
+        self.eval_batches = evaluation.batches(exp.eval_sets, cfg.eval.batch_size)
         self.stop = StopFlag()
 
     def initial_weights(self) -> torch.Tensor:
@@ -176,8 +177,7 @@ class Server:
             self.transport.sum_int64(counts, to_all=False)
         else:
             self.model.load(weights.to(self.device))
-            counts = evaluation.count_hits(self.model, sets, evaluation.batches(sets, cfg.eval.batch_size),
-                                           cfg.eval.batch_size)
+            counts = evaluation.count_hits(self.model, sets, self.eval_batches, cfg.eval.batch_size)
         return evaluation.scores(counts, sets)
 
     @staticmethod
