@@ -55,8 +55,10 @@ class AttackConfig(Section):
     samples), ``dba`` (the trigger split into parts, one per attacker; the full trigger at
     test time), or ``none`` (a clean run). scale: model replacement, an attacker sends
     w_t + scale (w_k - w_t). fisher: what an attacker reports as its Fisher vector:
-    ``honest`` (on its poisoned data, as the paper), ``uniform`` (a constant vector) or
-    ``mimic`` (the Fisher of its clean samples only, as a benign client would report).
+    ``honest`` (on its poisoned data, as the paper), ``uniform`` (a constant vector),
+    ``mimic`` (the Fisher of its clean samples only, as a benign client would report) or
+    ``noise`` (N(0, 1) noise on every parameter: what the released FDCR code substitutes for
+    the attackers' Fisher vectors, here reported by the attackers themselves).
     """
 
     kind: Literal["badnets", "dba", "none"] = "badnets"
@@ -65,7 +67,7 @@ class AttackConfig(Section):
     target_label: int = pydantic.Field(2, ge=0)
     poison_rate: float = pydantic.Field(0.5, gt=0, le=1)
     scale: float = pydantic.Field(1.0, gt=0)
-    fisher: Literal["honest", "uniform", "mimic"] = "honest"
+    fisher: Literal["honest", "uniform", "mimic", "noise"] = "honest"
 
 
 class TriggerConfig(Section):

@@ -135,6 +135,10 @@ class ClientRunner:
         cfg = self.exp.config
         if attacker and cfg.attack.fisher == "uniform":
             return torch.ones(self.model.size)
+        if attacker and cfg.attack.fisher == "noise":
+            fisher = torch.zeros(self.model.size)
+            fisher[: self.model.num_params] = torch.randn(self.model.num_params, generator=generator)
+            return fisher
         if attacker and cfg.attack.fisher == "mimic":
             data = data.clean_part()
         idx = fisher_samples(data, cfg.fisher.max_samples, generator)
