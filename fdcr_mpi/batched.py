@@ -57,8 +57,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.utils import _pair
 
-from fdcr_mpi.client import ClientData, TrainSettings, batches
-from fdcr_mpi.data.datasets import DatasetSpec, repeats_one_channel
+from fdcr_mpi.client import ClientData, TrainSettings, draw_epoch
+from fdcr_mpi.data.datasets import DatasetSpec, Shifts, repeats_one_channel
 from fdcr_mpi.models import FlatModel
 
 LossFn = Callable[..., torch.Tensor]
@@ -85,12 +85,13 @@ def steps_per_epoch(n: int, settings: TrainSettings) -> int:
 
 def train_group(model: FlatModel, start: torch.Tensor, datas: list[ClientData], spec: DatasetSpec,
                 settings: TrainSettings, generators: list[torch.Generator], *,
-                chunk: int = CHUNK) -> tuple[torch.Tensor, list[float]]:
-    """Train G clients from the same weights ``start`` (D,) as one batched computation.
+                chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train G clients from the same weights ``start`` (D,) as one batched computation, on
+    ``start``'s device.
 
     Returns the trained flat weights (G, D) float32, row k for ``datas[k]`` (buffer entries, if
-    any, copied from ``start``), and each client's mean training loss (nan when it took no
-    step): what ``local_train(model, datas[k], spec, settings, generators[k])`` gives after
+    any, copied from ``start``), and each client's mean training loss as a (G,) float64 tensor
+    (nan when it took no step), both on the device: what ``local_train(model, datas[k], spec, settings, generators[k])`` gives after
     ``model.load(start)``, to float tolerance, with each generator left in the same state.
     ``model`` supplies the architecture only: its weights are neither read nor changed.
     ``chunk``: how many models one vmapped computation evaluates (a speed setting only).
@@ -108,14 +109,15 @@ def train_group(model: FlatModel, start: torch.Tensor, datas: list[ClientData], 
     if start.numel() != model.size:
         raise ValueError(f"start has {start.numel()} entries, the model {model.size}")
     out = start.expand(num, model.size).clone()
-    losses = [float("nan")] * num
+    losses = torch.full((num,), float("nan"), dtype=torch.float64, device=start.device)
     if num == 0:
         return out, losses
 
     per_epoch = [steps_per_epoch(len(d), settings) for d in datas]
     order = sorted(range(num), key=lambda k: -per_epoch[k])  # stable: ties keep the client order
     total_steps = [per_epoch[k] * settings.local_epochs for k in order]
-    streams = [_index_stream(len(datas[k]), settings, generators[k]) for k in order]
+    device = start.device
+    streams = [_draw_stream(len(datas[k]), settings, spec, generators[k], device) for k in order]
     for stream, steps in zip(streams, total_steps):
         if steps == 0:  # still draws its per-epoch permutations, as local_train does
             for _ in stream:
@@ -140,9 +142,9 @@ def train_group(model: FlatModel, start: torch.Tensor, datas: list[ClientData], 
             params, leaf_list = leaves[lo, hi]
             xs, ys = [], []
             for i in range(lo, hi):
-                idx = next(streams[i])
+                idx, shifts = next(streams[i])
                 data = datas[order[i]]
-                xs.append(data.inputs(idx, spec, generators[order[i]]))
+                xs.append(data.inputs(idx, spec, shifts))
                 ys.append(data.y[idx])
             if all(y.numel() == ys[0].numel() for y in ys):
                 loss = plain(params, _stack_images(xs), torch.stack(ys))
@@ -166,18 +168,17 @@ def train_group(model: FlatModel, start: torch.Tensor, datas: list[ClientData], 
             w.add_(g, alpha=-settings.lr)
 
     out[order, :p] = weights
-    for i, k in enumerate(order):
-        if total_steps[i]:
-            losses[k] = float(loss_sum[i] / total_steps[i])
+    steps = torch.tensor(total_steps, dtype=torch.float64).to(device)
+    losses[order] = torch.where(steps > 0, loss_sum / steps.clamp(min=1), losses[order])
     return out, losses
 
 
-def _index_stream(n: int, settings: TrainSettings, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """One client's index batches over all epochs, drawing each epoch's permutation lazily (after
-    the previous epoch's batches have drawn their augmentation), as ``local_train`` does."""
+def _draw_stream(n: int, settings: TrainSettings, spec: DatasetSpec, generator: torch.Generator,
+                 device: torch.device) -> Iterator[tuple[torch.Tensor, Shifts]]:
+    """One client's index batches and shifts over all epochs, each epoch drawn when it starts
+    (``client.draw_epoch``), as ``local_train`` draws them."""
     for _ in range(settings.local_epochs):
-        order = torch.randperm(n, generator=generator)
-        yield from batches(n, settings.batch_size, settings.drop_last, order)
+        yield from draw_epoch(n, settings, spec, generator, device)
 
 
 def _param_leaves(weights: torch.Tensor, shapes: list[tuple[str, torch.Size, int]]) -> dict[str, torch.Tensor]:
@@ -323,9 +324,11 @@ def _register_ops() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Te
     if not (hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_vmap")):
         return None
     conv = torch.library.custom_op("fdcr_mpi::conv2d", _conv2d, mutates_args=())
+    conv.register_fake(_conv2d)  # shapes for meta and fake tensors: the plain op computes them
     conv.register_autograd(_conv2d_grad, setup_context=_conv2d_setup)
     conv.register_vmap(_conv2d_vmap)
     pool = torch.library.custom_op("fdcr_mpi::max_pool2d", _max_pool2d, mutates_args=())
+    pool.register_fake(_max_pool2d)
     pool.register_autograd(_max_pool2d_grad, setup_context=_max_pool2d_setup)
     pool.register_vmap(_max_pool2d_vmap)
     return conv, pool

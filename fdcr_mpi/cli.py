@@ -15,6 +15,8 @@ from pathlib import Path
 from fdcr_mpi import __version__
 from fdcr_mpi.errors import Preempted, UserError
 
+NUMERICS_HELP = ("continue a run on a machine whose numerics differ from its first rounds' (device, GPU, torch, "
+                 "CPU vector instructions, client threads); the run file records it")
 RANK_ENV_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 
 
@@ -51,12 +53,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="print only the final sha256")
     run.add_argument("--sweep", type=Path, help="run one run of this sweep file (with --index)")
     run.add_argument("--index", type=int, help="the run's index in the sweep (e.g. $SLURM_ARRAY_TASK_ID)")
+    run.add_argument("--allow-numerics-change", action="store_true", help=NUMERICS_HELP)
 
     resume = sub.add_parser("resume", help="resume the run in DIR from its last checkpoint")
     resume.add_argument("dir", type=Path)
     resume.add_argument("--data-root")
     resume.add_argument("--transport", choices=("auto", "local", "mpi"), default="auto")
     resume.add_argument("--quiet", action="store_true")
+    resume.add_argument("--allow-numerics-change", action="store_true", help=NUMERICS_HELP)
 
     inspect = sub.add_parser("inspect", help="summarise the run in DIR")
     inspect.add_argument("dir", type=Path)
@@ -94,7 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides = [*overrides, f"data.root={args.data_root}"]
     config = load_config(path, overrides)
     out = args.out or Path("runs") / config_hash(config)
-    return execute(config, out, restart=args.restart, transport_kind=args.transport, quiet=args.quiet)
+    return execute(config, out, restart=args.restart, transport_kind=args.transport, quiet=args.quiet,
+                   allow_numerics_change=args.allow_numerics_change)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -102,13 +107,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from fdcr_mpi.runtime.run import RUN_FILE, execute
     from fdcr_mpi.store import read_summary
 
-    path = args.dir / RUN_FILE
-    if not path.is_file():
-        raise UserError(f"{args.dir} holds no run to resume (no {RUN_FILE})")
-    config = from_yaml(read_summary(path)["config"])
-    if args.data_root:
-        config.data.root = args.data_root
-    return execute(config, args.dir, transport_kind=args.transport, quiet=args.quiet)
+    def stored_config():  # read by rank 0 alone, which shares it with the other ranks
+        path = args.dir / RUN_FILE
+        if not path.is_file():
+            raise UserError(f"{args.dir} holds no run to resume (no {RUN_FILE})")
+        config = from_yaml(read_summary(path)["config"])
+        if args.data_root:
+            config.data.root = args.data_root
+        return config
+
+    return execute(stored_config, args.dir, transport_kind=args.transport, quiet=args.quiet,
+                   allow_numerics_change=args.allow_numerics_change)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

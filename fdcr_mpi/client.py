@@ -1,12 +1,16 @@
 """One client's round: local SGD training and the Fisher diagonal (ALGORITHM.md section 1).
 
-Data lives in memory as preprocessed tensors; a batch is augmented on tensors, then the
-client's trigger is stamped on its fixed poisoned rows. Every draw comes from the client's
-generator for this round, so the result does not depend on the rank hosting the client.
+Data lives on the rank's device as preprocessed tensors; a batch is augmented on tensors, then
+the client's trigger is stamped on its fixed poisoned rows. Every draw comes from the client's
+generator for this round (a CPU generator), so the result does not depend on the rank hosting
+the client. An epoch's draws are made when it starts, in the order of the batches, and reach
+the device in one copy: a training step never waits for the host (no per-step transfer, no
+value read back), so a GPU runs ahead of Python.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +18,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from fdcr_mpi import fisher_layers
-from fdcr_mpi.data.datasets import DatasetSpec, augment, model_input
-from fdcr_mpi.data.poison import apply_trigger
+from fdcr_mpi.data.datasets import DatasetSpec, Shifts, model_input, shift
 from fdcr_mpi.models import FlatModel, FlatSGD
 
 LAYER_CHUNK = 128  # samples per backward of the "layers" Fisher: its activations stay in cache
@@ -41,21 +44,34 @@ class ClientData:
     def __len__(self) -> int:
         return int(self.y.numel())
 
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def to(self, device: torch.device | str) -> ClientData:
+        """This client's tensors on ``device`` (the rank's device: they are used there every step)."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return ClientData(x=move(self.x), y=move(self.y), poisoned=move(self.poisoned), trigger=move(self.trigger),
+                          trigger_value=self.trigger_value, true_y=move(self.true_y))
+
     def clean_part(self) -> ClientData:
         """The samples that carry no trigger, with their true labels (what a benign client holds)."""
         keep = ~self.poisoned
         labels = self.true_y if self.true_y is not None else self.y
-        return ClientData(x=self.x[keep], y=labels[keep], poisoned=torch.zeros(int(keep.sum()), dtype=torch.bool))
+        return ClientData(x=self.x[keep], y=labels[keep], poisoned=torch.zeros(int(keep.sum()), dtype=torch.bool,
+                                                                                device=self.device))
 
-    def inputs(self, idx: torch.Tensor, spec: DatasetSpec, generator: torch.Generator | None) -> torch.Tensor:
-        """Model-ready batch of rows ``idx``: augmented when a generator is given, then triggered."""
-        x = self.x[idx]  # advanced indexing copies: safe to stamp in place
-        if generator is not None:
-            x = augment(x, spec, generator)
+    def inputs(self, idx: torch.Tensor, spec: DatasetSpec, shifts: Shifts | None) -> torch.Tensor:
+        """Model-ready batch of rows ``idx`` (on the data's device): augmented by ``shifts`` when
+        given, then triggered on its poisoned rows."""
+        x = self.x[idx]
+        if shifts is not None:
+            x = shift(x, spec, shifts)
         if self.trigger is not None:
-            rows = self.poisoned[idx]
-            if bool(rows.any()):
-                x[rows] = apply_trigger(x[rows], self.trigger[: x.shape[1]], self.trigger_value)
+            stamp = self.poisoned[idx].view(-1, 1, 1, 1) & self.trigger[: x.shape[1]]
+            x = x.masked_fill(stamp, self.trigger_value)
         return model_input(x)
 
 
@@ -77,32 +93,66 @@ def batches(n: int, batch_size: int, drop_last: bool, order: torch.Tensor) -> li
     return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def local_train(model: FlatModel, data: ClientData, spec: DatasetSpec, settings: TrainSettings,
-                generator: torch.Generator) -> float:
-    """Train ``model`` in place on the client's data; returns the mean training loss (nan if no step)."""
+@dataclass(frozen=True)
+class Epoch:
+    """One epoch of a client's draws, on the device: its index batches and each batch's shifts."""
+
+    batches: list[torch.Tensor]
+    shifts: list[Shifts]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Shifts]]:
+        return iter(zip(self.batches, self.shifts))
+
+
+def draw_epoch(n: int, settings: TrainSettings, spec: DatasetSpec, generator: torch.Generator,
+               device: torch.device) -> Epoch:
+    """An epoch's draws from ``generator``, in the order training consumes them: the permutation
+    of the ``n`` samples, then each batch's crops (and flips); moved to ``device`` in one copy."""
+    order = torch.randperm(n, generator=generator)
+    parts = batches(n, settings.batch_size, settings.drop_last, order)
+    shifts = [Shifts.draw(len(p), spec, generator) for p in parts]
+    if not parts:
+        return Epoch([], [])
+    columns = [torch.cat(parts), torch.cat([s.top for s in shifts]), torch.cat([s.left for s in shifts])]
+    if spec.hflip:
+        columns.append(torch.cat([s.flip for s in shifts]).long())
+    rows = torch.stack(columns).to(device).split([len(p) for p in parts], dim=1)
+    return Epoch([r[0] for r in rows], [Shifts(r[1], r[2], r[3].bool() if spec.hflip else None) for r in rows])
+
+
+def train_client(model: FlatModel, data: ClientData, spec: DatasetSpec, settings: TrainSettings,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Train ``model`` in place on the client's data (ALGORITHM.md 1.1); returns the mean training
+    loss as a float64 scalar tensor on the model's device (nan if no step), without waiting for it."""
     module = model.module
     module.train()
+    device = model.flat.device
     optimizer = FlatSGD(model, settings.lr, settings.momentum, settings.weight_decay)
-    total, steps = torch.zeros((), dtype=torch.float64), 0
+    total, steps = torch.zeros((), dtype=torch.float64, device=device), 0
     for _ in range(settings.local_epochs):
-        order = torch.randperm(len(data), generator=generator)
-        for idx in batches(len(data), settings.batch_size, settings.drop_last, order):
-            x = data.inputs(idx, spec, generator)
+        for idx, shifts in draw_epoch(len(data), settings, spec, generator, device):
+            x = data.inputs(idx, spec, shifts)
             model.zero_grad()
             loss = F.cross_entropy(module(x), data.y[idx])
             loss.backward()
             optimizer.step()
             total += loss.detach()
             steps += 1
-    return float(total / steps) if steps else float("nan")
+    return total / steps if steps else torch.full((), float("nan"), dtype=torch.float64, device=device)
+
+
+def local_train(model: FlatModel, data: ClientData, spec: DatasetSpec, settings: TrainSettings,
+                generator: torch.Generator) -> float:
+    """``train_client``, with the mean training loss read back as a float."""
+    return float(train_client(model, data, spec, settings, generator))
 
 
 def fisher_samples(data: ClientData, max_samples: int | None, generator: torch.Generator) -> torch.Tensor:
     """Indices of the samples the Fisher is computed on: all, or a seeded subset of ``max_samples``."""
     n = len(data)
     if max_samples is None or max_samples >= n:
-        return torch.arange(n)
-    return torch.randperm(n, generator=generator)[:max_samples].sort().values
+        return torch.arange(n, device=data.device)
+    return torch.randperm(n, generator=generator)[:max_samples].sort().values.to(data.device)
 
 
 def default_chunk(num_params: int, budget_bytes: int = 1 << 28) -> int:
@@ -133,7 +183,7 @@ def empirical_fisher(model: FlatModel, data: ClientData, spec: DatasetSpec, idx:
 
     per_sample_grad = vmap(grad(nll), in_dims=(None, 0, 0))
     chunk = chunk_size or default_chunk(model.num_params)
-    fisher = torch.zeros(model.size, dtype=torch.float32)
+    fisher = torch.zeros(model.size, dtype=torch.float32, device=model.flat.device)
     acc = fisher[: model.num_params]
     for start in range(0, idx.numel(), chunk):
         rows = idx[start:start + chunk]
@@ -166,13 +216,13 @@ def batch_mean_sq_fisher(model: FlatModel, data: ClientData, spec: DatasetSpec, 
     """The released code's estimator: F = (mean over batches of the batch-mean gradient)^2."""
     module = model.module
     module.eval()
-    total = torch.zeros(model.num_params, dtype=torch.float32)
+    total = torch.zeros(model.num_params, dtype=torch.float32, device=model.flat.device)
     parts = batches(idx.numel(), batch_size, False, idx)
     for rows in parts:
         model.zero_grad()
         F.cross_entropy(module(data.inputs(rows, spec, None)), data.y[rows]).backward()
         total += model.grad
     model.zero_grad()
-    fisher = torch.zeros(model.size, dtype=torch.float32)
+    fisher = torch.zeros(model.size, dtype=torch.float32, device=model.flat.device)
     fisher[: model.num_params] = (total / max(len(parts), 1)).square()
     return fisher

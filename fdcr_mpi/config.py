@@ -126,10 +126,30 @@ class FaultConfig(Section):
     round: int = pydantic.Field(0, ge=0)
 
 
-class RuntimeConfig(Section):
-    """How the run executes. Nothing here changes the results, so none of it is in the config hash."""
+MAX_THREADS = 4096  # more cores than any node has
 
-    threads: int | None = pydantic.Field(None, ge=1)
+
+class RuntimeConfig(Section):
+    """How the run executes; none of it is in the config hash.
+
+    ``threads``, ``parallel_eval``, ``malloc`` and the checkpoint settings never change a result.
+    ``client_threads``, ``device``, ``deterministic`` and ``tf32`` decide how the arithmetic is
+    done: they are recorded in the run file's numerics fingerprint, and a resume that would
+    change them stops unless told otherwise (runtime.numerics).
+    """
+
+    threads: int | None = pydantic.Field(None, ge=1, le=MAX_THREADS)
+    """CPU cores this rank uses (null: the cores of its node, or of its SLURM task, shared by the
+    node's client ranks). They train ``threads // client_threads`` clients at once: the spare
+    cores work on other clients, never inside one client's arithmetic."""
+    client_threads: int = pydantic.Field(1, ge=1, le=MAX_THREADS)
+    """Intra-op threads of one client's training and Fisher, and of the server's defense: a fixed
+    number, so the results never depend on the node's core count or the number of ranks."""
+    deterministic: bool = True
+    """On a GPU: deterministic kernels only (torch.use_deterministic_algorithms, cuDNN
+    deterministic, no autotuning, a fixed cuBLAS workspace); the CPU is deterministic anyway."""
+    tf32: bool = False
+    """On a GPU: let float32 matrix products and convolutions use TF32 (faster, other numbers)."""
     malloc: Literal["tuned", "default"] = "tuned"
     """tuned: raise glibc's mmap and trim thresholds so activations are reused, not page-faulted
     (runtime.allocator); default: leave the C allocator as it is."""
@@ -138,7 +158,8 @@ class RuntimeConfig(Section):
     rank 0 sums their counts (the same figures); false: rank 0 evaluates alone and the other
     ranks hold no test set."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cuda_aware_mpi: Literal["auto", "yes", "no"] = "auto"
+    """The device of the clients' computations (the server, rank 0, computes on its CPU): auto
+    takes a GPU when one is visible (runtime.placement)."""
     checkpoint_every: int = pydantic.Field(1, ge=1)
     keep_checkpoints: int = pydantic.Field(3, ge=1)
     save_weights_every: int = pydantic.Field(0, ge=0)

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A mistake in what the user asked for, explained in one sentence."""
+    """A mistake in what the user asked for, explained in one sentence (exit code 2 by default)."""
 
     exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class Preempted(Exception):

@@ -1,10 +1,12 @@
 """A round's evaluation (ALGORITHM.md section 5: A and ASR) as integer counts over fixed batches.
 
-The test set and the triggered test set are cut into batches of ``eval.batch_size`` rows; the
-batches are the same however the run is launched, so every image's prediction is too. Under
-MPI the client ranks share the batches out (contiguous runs, ``share``) and the server sums
-their integer counts: the figures are exact and do not depend on the number of ranks, and the
-evaluation no longer leaves every client rank idle while rank 0 works through it.
+The test set and the triggered test set (every test image with the trigger) are cut into
+batches of ``eval.batch_size`` rows; the batches are the same however the run is launched, so
+every image's prediction is too. Under MPI the client ranks share the batches out (contiguous
+runs, ``share``) and the server sums their integer counts: the figures are exact and do not
+depend on the number of ranks. A rank holds only the rows of its own share (``Share.rows``,
+preprocessed on its device) and the labels of the whole test set (for the totals); within a
+rank, worker threads split the share again (``ClientRunner.evaluate``).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fdcr_mpi import metrics
-from fdcr_mpi.experiment import EvalSets
+from fdcr_mpi.data.datasets import model_input
 from fdcr_mpi.models import FlatModel
 
 COUNTS = 3  # correct test predictions, ASR hits (true label not the target), ASR hits (all)
+PREDICT_CHUNK = metrics.PREDICT_CHUNK
 
 
 @dataclass(frozen=True)
@@ -29,11 +33,59 @@ class Batch:
     stop: int
 
 
-def batches(sets: EvalSets, batch_size: int) -> list[Batch]:
-    """Every evaluation batch, test set first."""
+@dataclass(frozen=True)
+class Span:
+    """Rows [start, stop) of the test set (empty when start == stop)."""
+
+    start: int = 0
+    stop: int = 0
+
+    def covering(self, batch: Batch) -> Span:
+        return Span(min(self.start, batch.start) if self else batch.start, max(self.stop, batch.stop))
+
+    def __bool__(self) -> bool:
+        return self.stop > self.start
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+@dataclass
+class EvalSets:
+    """The evaluation data a rank holds: the rows ``clean`` of the test set and the rows
+    ``triggered`` of the triggered test set (preprocessed, on the rank's device), and the labels
+    of every test image (the totals need them). The proxy set is the server's (CPU)."""
+
+    test_x: torch.Tensor  # the test images of rows ``clean``
+    test_y: torch.Tensor  # (N,) every test label
+    backdoor_incl_x: torch.Tensor  # the triggered test images of rows ``triggered``
+    target: int
+    clean: Span = Span()
+    triggered: Span = Span()
+    proxy_x: torch.Tensor | None = None
+    proxy_y: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """N, the number of test images (each is also in the triggered set)."""
+        return int(self.test_y.numel())
+
+    @property
+    def backdoor_rows(self) -> torch.Tensor:
+        """Which triggered test images count for the ASR: those whose true label is not the target."""
+        return self.test_y != self.target
+
+    def to(self, device: torch.device | str) -> EvalSets:
+        """The test rows and labels on ``device`` (the proxy set stays with the server)."""
+        return EvalSets(self.test_x.to(device), self.test_y.to(device), self.backdoor_incl_x.to(device), self.target,
+                        self.clean, self.triggered, self.proxy_x, self.proxy_y)
+
+
+def batches(size: int, batch_size: int) -> list[Batch]:
+    """Every evaluation batch of a test set of ``size`` images, test set first, then triggered."""
     out = []
-    for triggered, n in ((False, sets.test_y.numel()), (True, sets.backdoor_incl_x.shape[0])):
-        out += [Batch(triggered, s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    for triggered in (False, True):
+        out += [Batch(triggered, s, min(s + batch_size, size)) for s in range(0, size, batch_size)]
     return out
 
 
@@ -43,19 +95,37 @@ def share(work: list[Batch], index: int, parts: int) -> list[Batch]:
     return work[bounds[index]:bounds[index + 1]]
 
 
-def count_hits(model: FlatModel, sets: EvalSets, work: list[Batch], batch_size: int) -> np.ndarray:
-    """The (COUNTS,) int64 counts of ``model`` on the batches ``work``."""
-    counts = np.zeros(COUNTS, dtype=np.int64)
-    asr_rows = sets.backdoor_rows
+def rows(work: list[Batch]) -> tuple[Span, Span]:
+    """The (clean, triggered) rows that the batches ``work`` cover."""
+    clean, triggered = Span(), Span()
     for b in work:
-        rows = slice(b.start, b.stop)
-        if not b.triggered:
-            predicted = metrics.predictions(model, sets.test_x[rows], batch_size)
-            counts[0] += int((predicted == sets.test_y[rows].cpu()).sum())
+        if b.triggered:
+            triggered = triggered.covering(b)
         else:
-            hits = metrics.predictions(model, sets.backdoor_incl_x[rows], batch_size) == sets.target
-            counts[1] += int(hits[asr_rows[rows].cpu()].sum())
-            counts[2] += int(hits.sum())
+            clean = clean.covering(b)
+    return clean, triggered
+
+
+@torch.no_grad()
+def count_hits(model: FlatModel, sets: EvalSets, work: list[Batch]) -> torch.Tensor:
+    """The (COUNTS,) int64 counts of ``model`` on the batches ``work``, on the model's device
+    (nothing is read back to the host: the caller sums and reads once)."""
+    model.module.eval()
+    device = model.flat.device
+    counts = torch.zeros(COUNTS, dtype=torch.int64, device=device)
+    for b in work:
+        held = sets.triggered if b.triggered else sets.clean
+        x = sets.backdoor_incl_x if b.triggered else sets.test_x
+        for start in range(b.start, b.stop, PREDICT_CHUNK):
+            stop = min(start + PREDICT_CHUNK, b.stop)
+            predicted = model.module(model_input(x[start - held.start:stop - held.start])).argmax(dim=1)
+            labels = sets.test_y[start:stop]
+            if not b.triggered:
+                counts[0] += (predicted == labels).sum()
+            else:
+                hits = predicted == sets.target
+                counts[1] += (hits & (labels != sets.target)).sum()
+                counts[2] += hits.sum()
     return counts
 
 
@@ -66,8 +136,8 @@ def scores(counts: np.ndarray, sets: EvalSets) -> dict[str, float]:
     def percent(hits: int, total: int) -> float:
         return 100.0 * hits / total if total else float("nan")
 
-    a = percent(int(counts[0]), sets.test_y.numel())
+    a = percent(int(counts[0]), sets.size)
     asr = percent(int(counts[1]), int(sets.backdoor_rows.sum()))
-    asr_incl = percent(int(counts[2]), sets.backdoor_incl_x.shape[0])
+    asr_incl = percent(int(counts[2]), sets.size)
     r = metrics.backdoor_failure_rate(asr)
     return {"A": a, "asr": asr, "asr_incl_target": asr_incl, "R": r, "V": metrics.v_score(a, r)}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fdcr_mpi import seeding
+from fdcr_mpi import evaluation, seeding
 from fdcr_mpi.client import ClientData, TrainSettings
 from fdcr_mpi.config import BaseConfig
 from fdcr_mpi.data.datasets import DatasetSpec, RawSplit, load_raw, preprocess
@@ -23,28 +23,7 @@ from fdcr_mpi.data.partition import (
     train_val_split,
 )
 from fdcr_mpi.data.poison import apply_trigger, dba_masks, poison_mask, trigger_mask
-
-
-@dataclass
-class EvalSets:
-    """The server's data: clean test set, backdoor test sets and the proxy set (preprocessed)."""
-
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    backdoor_incl_x: torch.Tensor  # every triggered test image (the released code's ASR)
-    target: int
-    proxy_x: torch.Tensor | None = None
-    proxy_y: torch.Tensor | None = None
-
-    @property
-    def backdoor_rows(self) -> torch.Tensor:
-        """Which triggered test images count for the ASR: those whose true label is not the target."""
-        return self.test_y != self.target
-
-    @property
-    def backdoor_x(self) -> torch.Tensor:
-        """The triggered test images whose true label is not the target (a copy)."""
-        return self.backdoor_incl_x[self.backdoor_rows]
+from fdcr_mpi.evaluation import Batch, EvalSets
 
 
 @dataclass
@@ -57,6 +36,7 @@ class Experiment:
     malicious: np.ndarray
     clients: dict[int, ClientData] = field(default_factory=dict)
     eval_sets: EvalSets | None = None
+    eval_work: list[Batch] = field(default_factory=list)  # the evaluation batches this rank counts
 
     @property
     def num_clients(self) -> int:
@@ -99,17 +79,18 @@ def build_client(config: BaseConfig, raw: RawSplit, spec: DatasetSpec, indices: 
 
 
 def build_eval_sets(config: BaseConfig, train: RawSplit, test: RawSplit, spec: DatasetSpec,
-                    val_idx: np.ndarray, with_proxy: bool) -> EvalSets:
-    """Test set, backdoor test sets (full trigger) and, when asked, the 256-sample proxy set."""
-    rows = np.arange(len(test.y))
-    if config.eval.test_samples is not None and config.eval.test_samples < rows.size:
-        rows = np.sort(seeding.numpy_rng(config.seed, seeding.SPLIT, 2).permutation(rows.size)[: config.eval.test_samples])
-    test_x = preprocess(test.x[rows], spec)
-    test_y = torch.as_tensor(test.y[rows], dtype=torch.int64)
+                    val_idx: np.ndarray, work: list[Batch], with_proxy: bool) -> EvalSets:
+    """The rows of the test set and of the triggered test set that the batches ``work`` cover,
+    the labels of the whole test set and, when asked, the 256-sample proxy set."""
+    rows = test_rows(config, len(test.y))
+    clean, triggered = evaluation.rows(work)
     mask = trigger_mask(config.trigger.pattern)[: spec.channels]
-    triggered = apply_trigger(test_x, mask, config.trigger.value)
-    target = config.attack.target_label
-    sets = EvalSets(test_x=test_x, test_y=test_y, backdoor_incl_x=triggered, target=target)
+    sets = EvalSets(
+        test_x=preprocess(test.x[rows[clean.start:clean.stop]], spec),
+        test_y=torch.as_tensor(test.y[rows], dtype=torch.int64),
+        backdoor_incl_x=apply_trigger(preprocess(test.x[rows[triggered.start:triggered.stop]], spec), mask,
+                                      config.trigger.value),
+        target=config.attack.target_label, clean=clean, triggered=triggered)
     if with_proxy:
         proxy = proxy_indices(val_idx, seeding.numpy_rng(config.seed, seeding.PROXY), config.data.proxy_size)
         sets.proxy_x = preprocess(train.x[proxy], spec)
@@ -117,10 +98,20 @@ def build_eval_sets(config: BaseConfig, train: RawSplit, test: RawSplit, spec: D
     return sets
 
 
-def build_experiment(config: BaseConfig, client_ids: list[int], server: bool,
-                     with_proxy: bool = False, evaluates: bool = False) -> Experiment:
-    """The experiment as seen by a rank hosting ``client_ids``, with the evaluation sets if it is
-    the ``server`` or ``evaluates`` (the proxy set only on the server, ``with_proxy``)."""
+def test_rows(config: BaseConfig, size: int) -> np.ndarray:
+    """The test images evaluated: all ``size``, or a seeded subset of ``eval.test_samples``."""
+    rows = np.arange(size)
+    if config.eval.test_samples is not None and config.eval.test_samples < rows.size:
+        rows = np.sort(seeding.numpy_rng(config.seed, seeding.SPLIT, 2).permutation(rows.size)[: config.eval.test_samples])
+    return rows
+
+
+def build_experiment(config: BaseConfig, client_ids: list[int], *, eval_share: tuple[int, int] | None = None,
+                     server: bool = False, with_proxy: bool = False, device: torch.device | str = "cpu") -> Experiment:
+    """The experiment as seen by a rank hosting ``client_ids`` (their data on ``device``), counting
+    the ``eval_share`` = (index, parts)-th share of the evaluation batches (none when None; its
+    rows on ``device``). The ``server`` holds the test labels (for the totals) and, when
+    ``with_proxy``, the proxy set (on the CPU)."""
     data = config.data
     train, test, spec = load_raw(data.dataset, data.root, data.download, seed=config.seed)
     train_idx, val_idx = train_val_split(len(train.y), seeding.numpy_rng(config.seed, seeding.SPLIT),
@@ -136,7 +127,11 @@ def build_experiment(config: BaseConfig, client_ids: list[int], server: bool,
                                  seeding.numpy_rng(config.seed, seeding.ATTACKERS))
     exp = Experiment(config=config, spec=spec, partition=partition, malicious=malicious)
     for k in client_ids:
-        exp.clients[k] = build_client(config, train, spec, partition[k], malicious, k)
-    if server or evaluates:
-        exp.eval_sets = build_eval_sets(config, train, test, spec, val_idx, server and with_proxy)
+        exp.clients[k] = build_client(config, train, spec, partition[k], malicious, k).to(device)
+    if eval_share is not None or server:
+        size = len(test_rows(config, len(test.y)))
+        exp.eval_work = evaluation.share(evaluation.batches(size, config.eval.batch_size), *eval_share) \
+            if eval_share is not None else []
+        exp.eval_sets = build_eval_sets(config, train, test, spec, val_idx, exp.eval_work,
+                                        server and with_proxy).to(device)
     return exp

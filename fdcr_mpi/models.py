@@ -123,28 +123,38 @@ class FlatModel:
     ``trainable``: (D,) bool, True for the first P entries.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, device: torch.device | str | None = None) -> None:
+        """Move ``module``'s parameters and float buffers into one flat vector on ``device`` (their
+        own device when None); the module's parameters become views of it."""
         self.module = module
-        params = [p for p in module.parameters() if p.requires_grad]
-        buffers = [(m, n, b) for m in module.modules() for n, b in m._buffers.items()
-                   if b is not None and b.is_floating_point()]
-        self.num_params = sum(p.numel() for p in params)
-        total = self.num_params + sum(b.numel() for _, _, b in buffers)
-        device = params[0].device if params else torch.device("cpu")
+        named = [(m, n, p) for m in module.modules() for n, p in m._parameters.items()
+                 if p is not None and p.requires_grad]
+        buffers = [(m, n, b) for m in module.modules() for n, b in m._buffers.items() if b is not None]
+        floats = [(m, n, b) for m, n, b in buffers if b.is_floating_point()]
+        self.num_params = sum(p.numel() for _, _, p in named)
+        total = self.num_params + sum(b.numel() for _, _, b in floats)
+        if device is None:
+            device = named[0][2].device if named else torch.device("cpu")
         self.flat = torch.empty(total, dtype=torch.float32, device=device)
         self.grad = torch.zeros(self.num_params, dtype=torch.float32, device=device)
         offset = 0
-        for p in params:
+        for owner, name, p in named:
             n = p.numel()
-            self.flat[offset:offset + n].copy_(p.detach().reshape(-1))
-            p.data = self.flat[offset:offset + n].view_as(p)
-            p.grad = self.grad[offset:offset + n].view_as(p)
+            view = self.flat[offset:offset + n].view_as(p)
+            view.copy_(p.detach())
+            param = nn.Parameter(view)
+            param.grad = self.grad[offset:offset + n].view_as(p)
+            owner._parameters[name] = param
             offset += n
         for owner, name, b in buffers:
-            n = b.numel()
-            self.flat[offset:offset + n].copy_(b.reshape(-1))
-            owner._buffers[name] = self.flat[offset:offset + n].view_as(b)
-            offset += n
+            if b.is_floating_point():
+                n = b.numel()
+                view = self.flat[offset:offset + n].view_as(b)
+                view.copy_(b)
+                owner._buffers[name] = view
+                offset += n
+            else:  # integer buffers (num_batches_tracked) stay out of the vector, on the same device
+                owner._buffers[name] = b.to(device)
         self.trainable = torch.zeros(total, dtype=torch.bool)
         self.trainable[: self.num_params] = True
 
@@ -173,14 +183,15 @@ def build_model(name: str, seed: int, num_classes: int = 10,
                 device: torch.device | str = "cpu") -> FlatModel:
     """The named model with weights initialised from ``seed`` only (the global RNG is restored).
 
-    Initialisation always runs on the CPU, so the initial weights do not depend on the device.
+    Initialisation always runs on the CPU, so the initial weights do not depend on the device;
+    the flat vector is then made on ``device``.
     """
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = MODELS[name](num_classes)
-    return FlatModel(module.to(device))
+    return FlatModel(module, device)
 
 
 class FlatSGD:

@@ -58,13 +58,14 @@ def test_mimic_fisher_is_the_fisher_of_the_clean_half() -> None:
 
 def test_dba_gives_each_attacker_a_part_and_the_parts_cover_the_trigger() -> None:
     config = load_config(None, [*BASE, "attack.kind=dba", "attack.malicious_ratio=0.4"])
-    exp = build_experiment(config, [0, 1, 2, 3, 4], server=True)
+    exp = build_experiment(config, [0, 1, 2, 3, 4], eval_share=(0, 1), server=True)
     parts = [exp.clients[k].trigger for k in (3, 4)]
     assert exp.clients[0].trigger is None
     assert not bool((parts[0] & parts[1]).any())
     assert torch.equal(parts[0] | parts[1], trigger_mask("paper"))
     # The server tests with the full trigger.
-    assert bool((exp.eval_sets.backdoor_x[:, 0, 0, 0] == config.trigger.value).all())
+    assert exp.eval_sets.backdoor_incl_x.shape[0] == exp.eval_sets.size
+    assert bool((exp.eval_sets.backdoor_incl_x[:, 0, 0, 0] == config.trigger.value).all())
 
 
 def test_attack_kind_none_poisons_nobody() -> None:

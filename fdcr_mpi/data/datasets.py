@@ -282,24 +282,48 @@ def preprocess(x: np.ndarray, spec: DatasetSpec) -> torch.Tensor:
     return out
 
 
-def augment(x: torch.Tensor, spec: DatasetSpec, generator: torch.Generator) -> torch.Tensor:
-    """Random crop 32 with padding 4 (black padding), then a random horizontal flip if ``spec.hflip``.
+@dataclass(frozen=True)
+class Shifts:
+    """One batch's augmentation draws: crop offsets ``top``, ``left`` in 0..2*PAD and, for
+    datasets that flip, which samples are flipped (``flip``, else None)."""
 
-    Draws, in order from ``generator``: row offsets (B,), column offsets (B,), and for
-    ``hflip`` specs one uniform per sample (flip where < 0.5).
-    """
+    top: torch.Tensor
+    left: torch.Tensor
+    flip: torch.Tensor | None = None
+
+    @classmethod
+    def draw(cls, batch: int, spec: DatasetSpec, generator: torch.Generator) -> Shifts:
+        """Draws, in order from ``generator``: row offsets (B,), column offsets (B,), and for
+        ``hflip`` specs one uniform per sample (flip where < 0.5)."""
+        top = torch.randint(0, 2 * PAD + 1, (batch,), generator=generator)
+        left = torch.randint(0, 2 * PAD + 1, (batch,), generator=generator)
+        flip = torch.rand(batch, generator=generator) < 0.5 if spec.hflip else None
+        return cls(top, left, flip)
+
+    def to(self, device: torch.device | str) -> Shifts:
+        return Shifts(self.top.to(device), self.left.to(device), None if self.flip is None else self.flip.to(device))
+
+    def __getitem__(self, rows: slice) -> Shifts:
+        return Shifts(self.top[rows], self.left[rows], None if self.flip is None else self.flip[rows])
+
+
+def augment(x: torch.Tensor, spec: DatasetSpec, generator: torch.Generator) -> torch.Tensor:
+    """Random crop 32 with padding 4 (black padding), then a random horizontal flip if
+    ``spec.hflip``, drawn from ``generator`` (``Shifts.draw``)."""
+    return shift(x, spec, Shifts.draw(x.shape[0], spec, generator).to(x.device))
+
+
+def shift(x: torch.Tensor, spec: DatasetSpec, shifts: Shifts) -> torch.Tensor:
+    """The crops (and flips) ``shifts`` of the batch ``x`` (B, C, H, W), on ``x``'s device: the
+    padding is black (the normalised value of 0), as a crop of a zero-padded image."""
     b, c, h, w = x.shape
     mean, std = _stats(spec, c, x.device)
     padded = (-mean / std).to(x.dtype).expand(b, c, h + 2 * PAD, w + 2 * PAD).clone()
     padded[:, :, PAD : PAD + h, PAD : PAD + w] = x
-    top = torch.randint(0, 2 * PAD + 1, (b,), generator=generator)
-    left = torch.randint(0, 2 * PAD + 1, (b,), generator=generator)
-    rows = top[:, None] + torch.arange(h)
-    cols = left[:, None] + torch.arange(w)
-    if spec.hflip:
-        flip = torch.rand(b, generator=generator) < 0.5
-        cols = torch.where(flip[:, None], cols.flip(1), cols)
-    rows, cols = rows.to(x.device), cols.to(x.device)
+    rows = shifts.top[:, None] + torch.arange(h, device=x.device)
+    cols = shifts.left[:, None] + torch.arange(w, device=x.device)
+    if shifts.flip is not None:
+        cols = torch.where(shifts.flip[:, None], cols.flip(1), cols)
     batch = torch.arange(b, device=x.device)[:, None, None, None]
     chan = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]

@@ -7,10 +7,14 @@ setup, an unexpected error in any rank aborts the whole job (``fail_job``).
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,27 +22,40 @@ import torch
 
 from fdcr_mpi import __version__, metrics
 from fdcr_mpi.checkpoint import RunLock, load_latest_checkpoint, write_checkpoint
-from fdcr_mpi.config import BaseConfig, aggregation_path, config_hash, parallel_eval, to_yaml
+from fdcr_mpi.config import (
+    BaseConfig,
+    aggregation_path,
+    config_hash,
+    from_yaml,
+    parallel_eval,
+    to_yaml,
+)
 from fdcr_mpi.defenses import create
 from fdcr_mpi.defenses.base import Defense
 from fdcr_mpi.errors import Preempted, UserError
 from fdcr_mpi.experiment import Experiment, build_experiment
-from fdcr_mpi.runtime import sentinel
+from fdcr_mpi.runtime import numerics, placement, sentinel
 from fdcr_mpi.runtime.allocator import tune_malloc
-from fdcr_mpi.runtime.devices import default_threads, select_device
 from fdcr_mpi.runtime.server import Server, StopFlag, weights_sha256
-from fdcr_mpi.runtime.transport import client_blocks, fail_job, make_transport
-from fdcr_mpi.runtime.worker import ClientRunner, worker_loop
+from fdcr_mpi.runtime.transport import client_blocks, fail_job, make_transport, process_identity
+from fdcr_mpi.runtime.worker import ClientRunner, InjectedFault, worker_loop
 from fdcr_mpi.store import RunFile
 
 RUN_FILE = "run.h5"
+NUMERICS = "numerics"  # run-file attribute: the numerics fingerprint (JSON) of the run's creation
+NUMERICS_CHANGES = "numerics_changes"  # resumes allowed to continue with other numerics (JSON list)
 
 
 class Recorder:
     """Rank 0's side effects of a round: checkpoint, run-file row, console line."""
 
-    def __init__(self, out: Path, config: BaseConfig, exp: Experiment, quiet: bool = False) -> None:
+    def __init__(self, out: Path, config: BaseConfig, exp: Experiment, quiet: bool = False,
+                 fingerprint: dict[str, str] | None = None, allow_numerics_change: bool = False,
+                 num_params: int = 0) -> None:
         self.out, self.config, self.exp, self.quiet = out, config, exp, quiet
+        self.num_params = num_params
+        self.fingerprint = fingerprint or {}
+        self.allow_numerics_change = allow_numerics_change
         self.hash = config_hash(config)
         self.run_file: RunFile | None = None
         self.stop = None  # the server's StopFlag: a stop request forces a checkpoint
@@ -54,6 +71,7 @@ class Recorder:
             shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
         if path.exists():
             self.run_file = RunFile.open(path, config_hash=self.hash)
+            self.check_numerics()
             checkpoint = load_latest_checkpoint(self.out, self.hash)
             if checkpoint is None:
                 self.run_file.truncate_rounds(0)
@@ -63,8 +81,25 @@ class Recorder:
         self.run_file = RunFile.create(
             path, config_yaml=to_yaml(self.config), config_hash=self.hash, version=__version__,
             num_clients=self.exp.num_clients, sizes=self.exp.sizes, malicious=self.exp.malicious,
-            partition=self.exp.partition, num_params=0)
+            partition=self.exp.partition, num_params=self.num_params)
+        self.run_file.set_attr(NUMERICS, json.dumps(self.fingerprint, sort_keys=True))
         return 0, None, None
+
+    def check_numerics(self) -> None:
+        """Resume only where the numbers come out the same: the run file's fingerprint against
+        this launch's; a difference is a UserError unless allowed (then recorded in the file)."""
+        stored = self.run_file.file.attrs.get(NUMERICS)
+        recorded = json.loads(stored) if stored else {}
+        diff = numerics.differences(recorded, self.fingerprint)
+        if not diff or not recorded:
+            return
+        if not self.allow_numerics_change:
+            raise UserError(f"this launch would compute the rest of {self.out} with other numerics than its "
+                            f"first rounds ({'; '.join(diff)}); resume where it ran, or pass "
+                            "--allow-numerics-change to continue anyway (the run file records it)")
+        changes = json.loads(self.run_file.file.attrs.get(NUMERICS_CHANGES, "[]"))
+        changes.append({"rounds_done": self.run_file.rounds_done(), "changed": diff, "fingerprint": self.fingerprint})
+        self.run_file.set_attr(NUMERICS_CHANGES, json.dumps(changes, sort_keys=True))
 
     def record_round(self, t: int, row: dict, weights: torch.Tensor, defense: Defense,
                      seconds: dict[str, float], round_start: float) -> None:
@@ -123,7 +158,7 @@ def participation(config: BaseConfig) -> str:
     return part + (", reduce path" if aggregation_path(config) == "reduce" else "")
 
 
-def placement(identities: list[str], num_clients: int, group: int = 1) -> str:
+def placement_line(identities: list[str], num_clients: int, group: int = 1) -> str:
     """'1:[0-4] (host:pid) 2:[5-9] (host:pid)': the clients and process of each client rank.
 
     When a rank dies without a word (SIGKILL, OOM), mpiexec or srun reports its pid or rank;
@@ -153,44 +188,117 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def setup_process(config: BaseConfig, ranks_on_node: int) -> None:
-    """This process's intra-op threads and, unless ``runtime.malloc`` is ``default``, the C
-    allocator's thresholds (``allocator.tune_malloc``)."""
-    torch.set_num_threads(config.runtime.threads or default_threads(ranks_on_node))
+@dataclass(frozen=True)
+class Launch:
+    """What this rank is in the job: its clients, device and workers, and the run's numerics."""
+
+    client_ids: list[int]
+    device: torch.device
+    workers: int
+    fingerprint: dict[str, str]
+    identities: list[str]
+
+
+def place(config: BaseConfig, transport) -> tuple[Launch | None, str | None]:
+    """Collective: every rank's node, device, workers and numerics (a rank's error in the sentence)."""
+    rt = config.runtime
+    is_client_rank = transport.size == 1 or transport.rank != 0
+    cores = placement.available_cores()
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    seen = transport.allgather((placement.node_name(), process_identity(), affinity))
+    names = [name for name, _, _ in seen]
+    node = placement.Node.of(transport.rank, names)
+    sharing = sum(1 for r in node.client_ranks if set(seen[r][2]) & set(affinity)) or 1
+    error, launch = None, None
+    try:
+        check_fault(config, transport.size)
+        device = placement.select_device(rt.device, is_client_rank, node.client_index(transport.rank))
+        threads = (rt.threads or placement.default_threads(cores, sharing)) if is_client_rank else 1
+        numerics.configure(rt.client_threads, device, deterministic=rt.deterministic, tf32=rt.tf32)
+        fingerprint = numerics.fingerprint(rt.client_threads, device, deterministic=rt.deterministic, tf32=rt.tf32)
+        ids = transport.clients_of(transport.rank, config.data.num_clients, config.train.batch_clients)
+        launch = Launch(ids, device, placement.workers(threads, rt.client_threads, device), fingerprint,
+                        [identity for _, identity, _ in seen])
+    except UserError as exc:
+        error = str(exc)
+    error = transport.first_error(error)
+    if error is not None:
+        return None, error
+    prints = transport.allgather(launch.fingerprint)
+    try:
+        run_print = numerics.merge(prints, [transport.size == 1 or r != 0 for r in range(transport.size)])
+    except ValueError as exc:
+        return None, (f"the ranks of this job would compute with different numerics, so the results would depend "
+                      f"on which rank hosts which client: {exc}; run on nodes of one kind")
+    return Launch(launch.client_ids, launch.device, launch.workers, run_print, launch.identities), None
+
+
+def check_fault(config: BaseConfig, ranks: int) -> None:
+    """``runtime.fault`` must name a rank and client that exist in this launch (else it would do nothing)."""
+    fault = config.runtime.fault
+    if fault.kind == "none":
+        return
+    blocks = client_blocks(config.data.num_clients, ranks, config.train.batch_clients)
+    valid = [0] if ranks == 1 else [r for r in range(1, ranks) if blocks[r]]
+    if fault.rank not in valid:
+        where = "0 in one process" if ranks == 1 else f"a client rank of this launch ({valid[0]}-{valid[-1]})"
+        raise UserError(f"runtime.fault.rank is {fault.rank}, but the fault must be on {where}")
+    if fault.client is not None and fault.client not in blocks[fault.rank]:
+        raise UserError(f"runtime.fault.client {fault.client} is not hosted by rank {fault.rank} "
+                        f"(its clients: {sentinel.clients_label(blocks[fault.rank])})")
+    if fault.round >= config.rounds:
+        raise UserError(f"runtime.fault.round is {fault.round}, but the run has rounds 0-{config.rounds - 1}")
+
+
+def prepare_process(config: BaseConfig) -> None:
+    """Before any work: a fixed cuBLAS workspace (numerics) and, unless ``runtime.malloc`` is
+    ``default``, the C allocator's thresholds (``allocator.tune_malloc``)."""
+    numerics.prepare_process()
     if config.runtime.malloc == "tuned":
         tune_malloc()
 
 
-def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_kind: str = "auto",
-            quiet: bool = False) -> int:
-    """Run (or resume) the experiment on every rank; returns the process exit code."""
+def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart: bool = False,
+            transport_kind: str = "auto", quiet: bool = False, allow_numerics_change: bool = False) -> int:
+    """Run (or resume) the experiment on every rank; returns the process exit code.
+
+    ``config`` is the config, or a function that reads it, called on rank 0 only (the run file of
+    a resumed run is opened by rank 0 alone) and shared with the other ranks.
+    """
     transport = make_transport(transport_kind)
     stop = StopFlag()
     if transport.is_server:
         stop.install()  # from the start: a SIGTERM/SIGUSR1 during setup stops before round 1
     else:
         ignore_stop_signals()  # the server decides when to stop and tells every rank
+    config, error = shared_config(config, transport)
+    if error is not None:
+        raise UserError(error)
+    prepare_process(config)
+    launch, error = place(config, transport)
+    if error is not None:
+        raise UserError(error)
     setup_error: str | None = None
     lock = None
     try:
-        local = transport.local_rank()
-        setup_process(config, _ranks_on_node(transport))
-        device = select_device(config.runtime.device, local)
-        client_ids = transport.clients_of(transport.rank, config.data.num_clients, config.train.batch_clients)
         defense = create(config.defense.name, **getattr(config, config.defense.name).model_dump())
-        exp = build_experiment(config, client_ids, server=transport.is_server, with_proxy=defense.needs_proxy,
-                               evaluates=parallel_eval(config, transport.size))
-        runner = ClientRunner(exp, client_ids, with_fisher=defense.needs_fisher, device=device,
-                              pinned=device.type == "cuda", rank=transport.rank)
+        evaluates = parallel_eval(config, transport.size)
+        share = ((transport.rank - 1, transport.size - 1) if transport.rank > 0 else None) if evaluates \
+            else ((0, 1) if transport.is_server else None)
+        exp = build_experiment(config, launch.client_ids, eval_share=share, server=transport.is_server,
+                               with_proxy=defense.needs_proxy, device=launch.device)
+        runner = ClientRunner(exp, launch.client_ids, with_fisher=defense.needs_fisher, device=launch.device,
+                              workers=launch.workers, rank=transport.rank)
         if transport.is_server:
             make_run_dir(out)
             lock = RunLock(out).acquire()
-            recorder = Recorder(out, config, exp, quiet=quiet)
+            recorder = Recorder(out, config, exp, quiet=quiet, fingerprint=launch.fingerprint,
+                                allow_numerics_change=allow_numerics_change, num_params=runner.model.num_params)
             start, weights, state = recorder.open(restart)
     except UserError as exc:
         setup_error = str(exc)
     setup_error = transport.first_error(setup_error)
-    identities = transport.identities()
+    identities = launch.identities
     if setup_error is not None:
         if lock is not None:
             lock.release()
@@ -202,12 +310,14 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
         except BaseException as exc:  # noqa: BLE001 - any failure must end the whole job
             sentinel.note_failure(out, transport.rank, exc)
             fail_job(transport, exc)
+        finally:
+            runner.close()
         return 0
 
     try:
         recorder.watch = sentinel.begin_attempt(out, identities, client_blocks(
             config.data.num_clients, len(identities), config.train.batch_clients), start, config.rounds)
-        server = Server(transport, exp, runner, defense, device, recorder)
+        server = Server(transport, exp, runner, defense, recorder)
         if state:
             defense.load_state_dict(state)
         if weights is None:
@@ -220,11 +330,12 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
         if not quiet:
             print(f"fdcr-mpi {__version__}: {config.defense.name} on {config.data.dataset}, "
                   f"{config.data.num_clients} clients ({int(exp.malicious.sum())} attackers), "
-                  f"{config.rounds} rounds{participation(config)}, {transport.describe()}, device {device}"
+                  f"{config.rounds} rounds{participation(config)}, {transport.describe()}, "
+                  f"{describe_launch(launch, transport.size)}"
                   + (f", resuming at round {start + 1}" if start else ""), flush=True)
             if transport.size > 1:
-                print("clients by rank: " + placement(identities, config.data.num_clients,
-                                                         config.train.batch_clients), flush=True)
+                print("clients by rank: " + placement_line(identities, config.data.num_clients,
+                                                             config.train.batch_clients), flush=True)
         server.stop = recorder.stop = stop
         weights = server.run(start, weights)
         rounds_done = recorder.run_file.rounds_done()
@@ -249,23 +360,52 @@ def execute(config: BaseConfig, out: Path, *, restart: bool = False, transport_k
         recorder.mark_failed()
         if transport.size > 1:
             fail_job(transport, exc)
+        if injected(exc):  # a fault the config asked for: one sentence, the run marked failed
+            raise UserError(f"the run stopped on the injected fault ({exc}); its status is now failed",
+                            exit_code=13) from None
         raise
     finally:
         recorder.watch.done()  # no-op after failed()
+        runner.close()
         if lock is not None:
             lock.release()
+
+
+def shared_config(config: BaseConfig | Callable[[], BaseConfig], transport) -> tuple[BaseConfig | None, str | None]:
+    """The config on every rank: given, or read by rank 0 and sent to the others as YAML."""
+    if not callable(config):
+        return config, None
+    text, error = None, None
+    if transport.is_server:
+        try:
+            text = to_yaml(config())
+        except UserError as exc:
+            error = str(exc)
+    text, error = transport.share((text, error))
+    return (from_yaml(text) if error is None else None), error
+
+
+def injected(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was caused by, a fault that ``runtime.fault`` injected."""
+    while exc is not None:
+        if isinstance(exc, InjectedFault):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def describe_launch(launch: Launch, ranks: int) -> str:
+    """'clients on cuda (NVIDIA H200) with 1 thread(s) each[, 2 at a time]'."""
+    fp = launch.fingerprint
+    gpu = f" ({fp['gpu']})" if fp.get("gpu") else ""
+    text = f"clients on {fp['device']}{gpu} with {fp['client_threads']} thread(s) each"
+    return text + (f", {launch.workers} at a time" if ranks == 1 else "")
 
 
 def ignore_stop_signals() -> None:
     """Client ranks let SIGTERM/SIGUSR1 pass: SLURM signals every task, the server coordinates the stop."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-
-
-def _ranks_on_node(transport) -> int:
-    if transport.size == 1:
-        return 1
-    return transport.comm.Split_type(transport.MPI.COMM_TYPE_SHARED).Get_size()
 
 
 def print_final(path: Path, config: BaseConfig, digest: str, quiet: bool) -> None:

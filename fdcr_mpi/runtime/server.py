@@ -22,7 +22,6 @@ from fdcr_mpi.experiment import Experiment
 from fdcr_mpi.models import build_model
 from fdcr_mpi.participation import RoundPlan
 from fdcr_mpi.quarantine import defend_with_quarantine
-from fdcr_mpi.runtime.devices import host_buffer
 from fdcr_mpi.runtime.transport import client_blocks
 from fdcr_mpi.runtime.worker import (
     FINITE,
@@ -65,24 +64,20 @@ class StopFlag:
 class Server:
     """Rank 0: drives the rounds and owns every file of the run."""
 
-    def __init__(self, transport, exp: Experiment, runner: ClientRunner, defense: Defense,
-                 device: torch.device, recorder) -> None:
+    def __init__(self, transport, exp: Experiment, runner: ClientRunner, defense: Defense, recorder) -> None:
         self.transport, self.exp, self.runner, self.defense = transport, exp, runner, defense
-        self.device, self.recorder = device, recorder
+        self.device, self.recorder = runner.device.device, recorder  # the clients' device (one process)
         cfg = exp.config
         m, d = participants(cfg), runner.model.size
         self.path = aggregation_path(cfg)
         self.blocks = client_blocks(exp.num_clients, transport.size, cfg.train.batch_clients)
-        self.recv = SendBlocks(  # the gather path's (m, D) rows; the reduce path never holds them
-            weights=host_buffer((m, d), np.float32, device.type == "cuda"),
-            fisher=host_buffer((m, d), np.float32, device.type == "cuda") if runner.blocks.fisher is not None else None,
-            meta=host_buffer((m, len(META)), np.float64, False),
+        self.recv = SendBlocks(  # the gather path's (m, D) rows in host memory, where the defense runs
+            weights=np.empty((m, d), np.float32),
+            fisher=np.empty((m, d), np.float32) if runner.blocks.fisher is not None else None,
+            meta=np.empty((m, len(META)), np.float64),
         ) if self.path == "gather" else None
-        self.model = runner.model if runner.client_ids else build_model(
-            cfg.model.name, seeding.derive_seed(cfg.seed, seeding.MODEL_INIT), device=device)
-        self.trainable = self.model.trainable.cpu()
+        self.trainable = runner.model.trainable.cpu()
         self.proxy = self._proxy() if defense.needs_proxy else None
-        self.eval_batches = evaluation.batches(exp.eval_sets, cfg.eval.batch_size)
         self.stop = StopFlag()
 
     def initial_weights(self) -> torch.Tensor:
@@ -176,8 +171,7 @@ class Server:
             self.transport.wait_quietly()
             self.transport.sum_int64(counts, to_all=False)
         else:
-            self.model.load(weights.to(self.device))
-            counts = evaluation.count_hits(self.model, sets, self.eval_batches, cfg.eval.batch_size)
+            counts = self.runner.evaluate(weights.to(self.device))
         return evaluation.scores(counts, sets)
 
     @staticmethod

@@ -69,6 +69,10 @@ class Transport(Protocol):
 
     def identities(self) -> list[str]: ...
 
+    def allgather(self, value: object) -> list[object]: ...
+
+    def share(self, value: object) -> object: ...
+
     def abort(self, code: int) -> None: ...
 
     def describe(self) -> str: ...
@@ -109,11 +113,14 @@ class LocalTransport:
     def identities(self) -> list[str]:
         return [process_identity()]
 
+    def allgather(self, value: object) -> list[object]:
+        return [value]
+
+    def share(self, value: object) -> object:
+        return value
+
     def abort(self, code: int) -> None:
         sys.exit(code)
-
-    def local_rank(self) -> int:
-        return 0
 
     def describe(self) -> str:
         return "one process"
@@ -123,7 +130,11 @@ class MpiTransport:
     """MPI_COMM_WORLD: rank 0 is the server, ranks 1..P-1 host the clients."""
 
     def __init__(self) -> None:
-        from mpi4py import MPI
+        import warnings
+
+        with warnings.catch_warnings():  # a world of one under another launcher: make_transport says it
+            warnings.filterwarnings("ignore", message="suspicious MPI execution environment")
+            from mpi4py import MPI
 
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
@@ -203,20 +214,19 @@ class MpiTransport:
         """Collective: 'host:pid' of every rank, in rank order (to map an MPI death report to a rank)."""
         return self.comm.allgather(process_identity())
 
+    def allgather(self, value: object) -> list[object]:
+        """Collective: every rank's small ``value`` (a string, a dict of strings), in rank order."""
+        return self.comm.allgather(value)
+
+    def share(self, value: object) -> object:
+        """Collective: rank 0's small ``value`` on every rank (what only rank 0 may read, e.g. the
+        run file's config on resume)."""
+        return self.comm.bcast(value, root=0)
+
     def abort(self, code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(code)
-
-    def local_rank(self) -> int:
-        return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
-
-    def cuda_aware(self) -> bool:
-        """Whether the MPI library reports CUDA-aware support (MPIX_Query_cuda_support)."""
-        try:
-            return bool(self.MPI.Query_cuda_support())
-        except (AttributeError, NotImplementedError, self.MPI.Exception):
-            return False
 
     def describe(self) -> str:
         return f"MPI, {self.size} ranks ({self.MPI.Get_library_version().splitlines()[0].strip()})"
@@ -234,27 +244,68 @@ def _contiguous(buf: np.ndarray | None) -> Any:
     return buf
 
 
+LAUNCHER_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_STEP_NUM_TASKS")
+
+
+def launcher_size() -> tuple[int, str] | None:
+    """(ranks, variable) when the launcher's environment says it started more than one rank:
+    Open MPI, PMI (MPICH, Intel MPI, srun --mpi=pmi2), PMIx, hydra, or a SLURM step."""
+    for name in LAUNCHER_SIZES:
+        value = os.environ.get(name, "")
+        if name == "SLURM_STEP_NUM_TASKS" and not os.environ.get("SLURM_STEP_ID"):
+            continue
+        if value.isdigit() and int(value) > 1:
+            return int(value), name
+    return None
+
+
 def launched_under_mpi() -> bool:
-    """True when a process manager (mpiexec, srun with PMI) started more than one rank."""
-    if any(os.environ.get(v) for v in MPI_ENV_VARS):
-        size = os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE")
-        return size is None or int(size) > 1
-    ntasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
-    return bool(os.environ.get("SLURM_STEP_ID") and ntasks and int(ntasks) > 1)
+    """True when a process manager (mpiexec, srun with PMI) started more than one rank, or
+    started this process without saying how many."""
+    if launcher_size() is not None:
+        return True
+    if any(os.environ.get(v, "").isdigit() for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
+        return False  # a launcher that started this one rank alone
+    return any(os.environ.get(v) for v in MPI_ENV_VARS)
 
 
 def make_transport(kind: str = "auto") -> LocalTransport | MpiTransport:
-    """``local``, ``mpi``, or ``auto`` (MPI when launched by a process manager with > 1 rank)."""
-    if kind == "local" or (kind == "auto" and not launched_under_mpi()):
+    """``local``, ``mpi``, or ``auto`` (MPI when launched by a process manager with > 1 rank).
+
+    A launcher that started several ranks while MPI sees one world of size 1 means mpi4py loaded
+    an MPI library other than the launcher's: every rank would run the whole job alone, so this
+    stops with one sentence saying which library was loaded and how to fix it.
+    """
+    started = launcher_size()
+    if kind == "local":
+        if started is not None:
+            raise UserError(f"--transport local runs the whole job in this one process, but the launcher started "
+                            f"{started[0]} ({started[1]}); launch one process without mpiexec/srun, or drop "
+                            "--transport local")
+        return LocalTransport()
+    if kind == "auto" and not launched_under_mpi():
         return LocalTransport()
     try:
         transport = MpiTransport()
     except ImportError:
         raise UserError("this job was launched under MPI but mpi4py is not installed; "
                         "install the extra: pip install 'fdcr_mpi[mpi]'") from None
+    if transport.size == 1 and started is not None:
+        raise UserError(wrong_mpi_message(transport, *started))
     if transport.size == 1:
         return LocalTransport()
     return transport
+
+
+def wrong_mpi_message(transport: MpiTransport, ranks: int, variable: str) -> str:
+    """One sentence: the launcher started ``ranks`` but MPI_COMM_WORLD has one; what mpi4py loaded."""
+    library = transport.MPI.Get_library_version().strip().splitlines()[0].strip()
+    libmpi = os.environ.get("MPI4PY_LIBMPI")
+    loaded = f"{library}" + (f" from MPI4PY_LIBMPI={libmpi}" if libmpi else "")
+    return (f"the launcher started {ranks} ranks ({variable}) but this rank's MPI world has 1: mpi4py loaded "
+            f"{loaded}, not the launcher's MPI; launch with that library's own mpiexec, or point mpi4py at the "
+            "site's MPI (uninstall the 'mpich' wheel, or set MPI4PY_LIBMPI to the site's libmpi.so; "
+            "under SLURM pass the PMI the library speaks, e.g. srun --mpi=pmi2 or --mpi=pmix); see docs/CLUSTER.md")
 
 
 def fail_job(transport: LocalTransport | MpiTransport, exc: BaseException, code: int = 1) -> None:

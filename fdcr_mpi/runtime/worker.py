@@ -1,9 +1,18 @@
-"""A client rank's work: run its virtual clients on w_t, fill its send blocks (ARCHITECTURE step 2)."""
+"""A client rank's work: run its virtual clients on w_t, fill its send blocks (ARCHITECTURE step 2).
+
+The clients of a rank are trained one group at a time (a group is one client, or
+``train.batch_clients`` ids trained as one batched computation), on the rank's device. On a CPU
+rank with more than one worker (``runtime.threads`` / ``runtime.client_threads``, see
+``runtime.placement``) the groups are spread over worker threads, each with its own model; every
+client's arithmetic uses the same fixed intra-op threads however many workers there are, and
+its rows land at fixed positions, so the result does not depend on the scheduling.
+"""
 
 from __future__ import annotations
 
 import os
-import time
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +24,7 @@ from fdcr_mpi.client import (
     batch_mean_sq_fisher,
     empirical_fisher,
     fisher_samples,
-    local_train,
+    train_client,
 )
 from fdcr_mpi.config import Config, aggregation_path, parallel_eval
 from fdcr_mpi.defenses.base import Defense, RoundResult
@@ -24,7 +33,7 @@ from fdcr_mpi.models import FlatModel, build_model
 from fdcr_mpi.participation import RoundPlan
 from fdcr_mpi.quarantine import expand_result
 from fdcr_mpi.reduction import Reduction
-from fdcr_mpi.runtime.devices import host_buffer
+from fdcr_mpi.runtime.staging import Device, Mark, host_buffer
 from fdcr_mpi.runtime.transport import client_blocks
 
 # Columns of the per-client metadata row sent with the weights; "finite" is 1 when the row
@@ -47,42 +56,87 @@ class SendBlocks:
     meta: np.ndarray  # (n_local, len(META)) float64
 
 
+@dataclass
+class Outcome:
+    """A client's round as the device left it: its mean loss (a device scalar) and its marks."""
+
+    loss: torch.Tensor
+    trained: tuple[Mark, Mark]
+    measured: tuple[Mark, Mark]
+    train_share: float | None = None  # a batched group's seconds per client, when batched
+
+
 class ClientRunner:
-    """Trains the participating clients hosted on this rank on a model reused between them:
-    one after another, or in groups of ``train.batch_clients`` ids as one batched computation.
+    """Trains the participating clients hosted on this rank: one group after another, or on
+    ``workers`` threads at once (CPU), each thread with its own model.
 
     The send blocks have a row per client that can take part in a round (at most
     ``clients_per_round``); a round fills rows 0..n-1 with its participants in id order.
     """
 
     def __init__(self, exp: Experiment, client_ids: list[int], with_fisher: bool,
-                 device: torch.device, pinned: bool = False, rank: int = 0) -> None:
+                 device: torch.device, workers: int = 1, rank: int = 0) -> None:
         cfg = exp.config
-        self.exp, self.client_ids, self.device, self.rank = exp, client_ids, device, rank
-        self.model: FlatModel = build_model(cfg.model.name, seeding.derive_seed(cfg.seed, seeding.MODEL_INIT),
-                                            device=device)
+        self.exp, self.client_ids, self.rank = exp, client_ids, rank
+        self.device = Device(device)
+        seed = seeding.derive_seed(cfg.seed, seeding.MODEL_INIT)
+        self.models = [build_model(cfg.model.name, seed, device=device) for _ in range(max(1, workers))]
+        self.model: FlatModel = self.models[0]
         n, d = min(len(client_ids), cfg.clients_per_round or len(client_ids)), self.model.size
+        pinned = self.device.cuda
         self.blocks = SendBlocks(
             weights=host_buffer((n, d), np.float32, pinned),
             fisher=host_buffer((n, d), np.float32, pinned) if with_fisher else None,
-            meta=host_buffer((n, len(META)), np.float64, pinned),
+            meta=np.zeros((n, len(META)), dtype=np.float64),
         )
         self.data = {k: exp.clients[k] for k in client_ids}
+        self.pool = ThreadPoolExecutor(len(self.models), thread_name_prefix="fdcr-client") \
+            if len(self.models) > 1 else None
+        self.free: queue.SimpleQueue[FlatModel] = queue.SimpleQueue()
+        for model in self.models:
+            self.free.put(model)
+
+    @property
+    def workers(self) -> int:
+        return len(self.models)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def each(self, jobs: list, work) -> list:
+        """``work(model, job)`` for every job, on the worker threads (each job gets a free model);
+        the results in job order. An exception is returned in place of its job's result."""
+        def run(job):
+            model = self.free.get()
+            try:
+                return work(model, job)
+            except Exception as exc:  # noqa: BLE001 - reported in job order by the caller
+                return exc
+            finally:
+                self.free.put(model)
+
+        if self.pool is None:
+            return [run(job) for job in jobs]
+        return list(self.pool.map(run, jobs))
 
     def run_round(self, global_weights: torch.Tensor, round_: int, selected: np.ndarray | None = None) -> SendBlocks:
         """Train and measure the hosted clients in ``selected`` (all hosted ones when None), from
-        ``global_weights``; their rows are 0..n-1 of the send blocks, in client-id order."""
+        ``global_weights`` (on the rank's device); their rows are 0..n-1 of the send blocks, in
+        client-id order."""
         ids = self.client_ids if selected is None else sorted(set(self.client_ids) & set(selected.tolist()))
-        row = 0
+        groups, row = [], 0
         for group in self.groups(ids):
-            try:
-                trained = self.train_group(group, global_weights, round_) if len(group) > 1 else None
-                for i, k in enumerate(group):
-                    self.run_client(row, k, global_weights, round_, None if trained is None else trained[i])
-                    row += 1
-            except Exception as exc:
+            groups.append((row, group))
+            row += len(group)
+        results = self.each(groups, lambda model, job: self.run_group(model, *job, global_weights, round_))
+        self.device.synchronize()  # every row's copy has landed; the losses and marks are final
+        for (first, group), result in zip(groups, results):
+            if isinstance(result, Exception):
                 who = f"client {group[0]}" if len(group) == 1 else f"one of clients {group[0]}-{group[-1]}"
-                raise ClientFailure(f"{who} failed in round {round_}: {type(exc).__name__}: {exc}") from exc
+                raise ClientFailure(f"{who} failed in round {round_}: {type(result).__name__}: {result}") from result
+            for i, (k, outcome) in enumerate(zip(group, result)):
+                self.record(first + i, k, round_, outcome)
         return self.blocks
 
     def groups(self, ids: list[int]) -> list[list[int]]:
@@ -93,68 +147,91 @@ class ClientRunner:
             out.setdefault(k // size, []).append(k)
         return list(out.values())
 
-    def train_group(self, group: list[int], global_weights: torch.Tensor, round_: int) -> list[TrainedClient]:
-        """Local training of several clients as one batched computation (``fdcr_mpi.batched``)."""
-        from fdcr_mpi.batched import train_group
-
+    def run_group(self, model: FlatModel, first: int, group: list[int], global_weights: torch.Tensor,
+                  round_: int) -> list[Outcome]:
+        """A group's clients on ``model``: trained (one by one, or batched), measured, rows filled."""
         cfg = self.exp.config
         generators = [seeding.client_generator(cfg.seed, k, round_) for k in group]
-        start = time.perf_counter()
-        weights, losses = train_group(self.model, global_weights, [self.data[k] for k in group], self.exp.spec,
-                                      self.exp.train_settings, generators)
-        share = (time.perf_counter() - start) / len(group)
-        return [TrainedClient(weights[i], losses[i], share, generators[i]) for i in range(len(group))]
-
-    def run_client(self, row: int, k: int, global_weights: torch.Tensor, round_: int,
-                   trained: TrainedClient | None = None) -> None:
-        """One client: load w_t and train (or load its batched result), Fisher, fill row ``row``."""
-        cfg = self.exp.config
-        data = self.data[k]
-        if trained is None:
-            generator = seeding.client_generator(cfg.seed, k, round_)
-            self.model.load(global_weights)
-            start = time.perf_counter()
-            loss = local_train(self.model, data, self.exp.spec, self.exp.train_settings, generator)
-            train_seconds = time.perf_counter() - start
+        if len(group) == 1:
+            model.load(global_weights)
+            begin = self.device.mark()
+            loss = train_client(model, self.data[group[0]], self.exp.spec, self.exp.train_settings, generators[0])
+            trained = [(model.flat, loss, (begin, self.device.mark()))]
         else:
-            self.model.load(trained.weights)
-            generator, loss, train_seconds = trained.generator, trained.loss, trained.seconds
-        start = time.perf_counter()
+            from fdcr_mpi.batched import train_group
+
+            begin = self.device.mark()
+            weights, losses = train_group(model, global_weights, [self.data[k] for k in group], self.exp.spec,
+                                          self.exp.train_settings, generators)
+            end = self.device.mark()
+            trained = [(weights[i], losses[i], (begin, end)) for i in range(len(group))]
+        outcomes = []
+        for i, (k, (weights, loss, marks)) in enumerate(zip(group, trained)):
+            if len(group) > 1:
+                model.load(weights)
+            begin = self.device.mark()
+            self.fill_rows(model, first + i, k, global_weights, generators[i])
+            outcome = Outcome(loss, marks, (begin, self.device.mark()))
+            if len(group) > 1:
+                outcome.train_share = 1.0 / len(group)
+            outcomes.append(outcome)
+        return outcomes
+
+    def fill_rows(self, model: FlatModel, row: int, k: int, global_weights: torch.Tensor,
+                  generator: torch.Generator) -> None:
+        """Client ``k``'s reported Fisher and its (possibly boosted) weights into row ``row``."""
+        cfg = self.exp.config
         attacker = bool(self.exp.malicious[k]) and cfg.attack.kind != "none"
         if self.blocks.fisher is not None:
-            self.blocks.fisher[row] = self.reported_fisher(data, attacker, generator).cpu().numpy()
+            self.device.to_host(self.blocks.fisher[row], self.reported_fisher(model, self.data[k], attacker, generator))
         if attacker and cfg.attack.scale != 1.0:
-            boost_update(self.model.flat, global_weights, cfg.attack.scale)
-        self.blocks.weights[row] = self.model.flat.detach().cpu().numpy()
-        self.blocks.meta[row] = (len(data), loss, train_seconds, time.perf_counter() - start, 1.0)
-        inject_fault(cfg.runtime.fault, self.rank, k, round_, self.blocks, row)
+            boost_update(model.flat, global_weights, cfg.attack.scale)
+        self.device.to_host(self.blocks.weights[row], model.flat)
+
+    def record(self, row: int, k: int, round_: int, outcome: Outcome) -> None:
+        """The client's metadata row, once its computations have finished; faults injected here."""
+        train_seconds = Device.seconds(*outcome.trained) * (outcome.train_share or 1.0)
+        self.blocks.meta[row] = (len(self.data[k]), float(outcome.loss), train_seconds,
+                                 Device.seconds(*outcome.measured), 1.0)
+        inject_fault(self.exp.config.runtime.fault, self.rank, k, round_, self.blocks, row)
         self.blocks.meta[row, FINITE] = float(row_is_usable(self.blocks, row))
 
-    def reported_fisher(self, data: ClientData, attacker: bool, generator: torch.Generator) -> torch.Tensor:
+    def reported_fisher(self, model: FlatModel, data: ClientData, attacker: bool,
+                        generator: torch.Generator) -> torch.Tensor:
         """The Fisher diagonal the client sends: its own (section 1.2), or an attacker's forgery."""
         cfg = self.exp.config
+        device = model.flat.device
         if attacker and cfg.attack.fisher == "uniform":
-            return torch.ones(self.model.size)
+            return torch.ones(model.size, device=device)
         if attacker and cfg.attack.fisher == "noise":
-            fisher = torch.zeros(self.model.size)
-            fisher[: self.model.num_params] = torch.randn(self.model.num_params, generator=generator)
+            fisher = torch.zeros(model.size, device=device)
+            fisher[: model.num_params] = torch.randn(model.num_params, generator=generator).to(device)
             return fisher
         if attacker and cfg.attack.fisher == "mimic":
             data = data.clean_part()
         idx = fisher_samples(data, cfg.fisher.max_samples, generator)
         if cfg.fisher.estimator == "empirical":
-            return empirical_fisher(self.model, data, self.exp.spec, idx, cfg.fisher.chunk_size, cfg.fisher.backend)
-        return batch_mean_sq_fisher(self.model, data, self.exp.spec, idx, cfg.train.batch_size)
+            return empirical_fisher(model, data, self.exp.spec, idx, cfg.fisher.chunk_size, cfg.fisher.backend)
+        return batch_mean_sq_fisher(model, data, self.exp.spec, idx, cfg.train.batch_size)
 
+    def evaluate(self, weights: torch.Tensor) -> np.ndarray:
+        """The evaluation counts of ``weights`` on this rank's share of the batches, split again
+        among the workers (each counts a contiguous run on its own model)."""
+        sets, work = self.exp.eval_sets, self.exp.eval_work
+        parts = [evaluation.share(work, i, self.workers) for i in range(self.workers)]
 
-@dataclass
-class TrainedClient:
-    """A client's batched-training result, handed to ``run_client``."""
+        def count(model: FlatModel, part: list) -> torch.Tensor:
+            model.load(weights)
+            return evaluation.count_hits(model, sets, part)
 
-    weights: torch.Tensor
-    loss: float
-    seconds: float
-    generator: torch.Generator
+        results = self.each([p for p in parts if p], count)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        total = np.zeros(evaluation.COUNTS, dtype=np.int64)
+        for counts in results:
+            total += counts.cpu().numpy()
+        return total
 
 
 def row_is_usable(blocks: SendBlocks, row: int) -> bool:
@@ -169,15 +246,25 @@ def boost_update(weights: torch.Tensor, global_weights: torch.Tensor, scale: flo
     weights.sub_(global_weights).mul_(scale).add_(global_weights)
 
 
+class InjectedFault(RuntimeError):
+    """The failure that ``runtime.fault`` asked for (a resilience test, not a bug)."""
+
+
 def inject_fault(fault, rank: int, client: int, round_: int, blocks: SendBlocks, row: int) -> None:
-    """``runtime.fault``: make this rank or client fail on purpose (resilience tests)."""
+    """``runtime.fault``: make this rank or client fail on purpose (resilience tests).
+
+    ``exit`` ends the process at once (``os._exit(13)``) on a client rank under MPI, as a rank
+    that dies does; in one process it raises ``InjectedFault`` so that the run is marked failed.
+    """
     if fault.kind == "none" or fault.rank != rank or fault.round != round_:
         return
     if fault.client is not None and fault.client != client:
         return
     if fault.kind == "raise":
-        raise RuntimeError(f"injected fault in client {client} at round {round_}")
+        raise InjectedFault(f"injected fault in client {client} at round {round_}")
     if fault.kind == "exit":
+        if rank == 0:
+            raise InjectedFault(f"injected exit of client {client} at round {round_}")
         os._exit(13)
     if fault.kind in ("nan", "inf"):
         blocks.weights[row, ::7] = np.nan if fault.kind == "nan" else np.inf
@@ -192,12 +279,8 @@ def worker_loop(transport, runner: ClientRunner, defense: Defense) -> None:
     blocks = client_blocks(cfg.data.num_clients, transport.size, cfg.train.batch_clients)
     path = aggregation_path(cfg)
     header = np.zeros(2, dtype=np.int64)
-    weights = host_buffer((runner.model.size,), np.float32, pinned=runner.device.type == "cuda")
-    evaluates = parallel_eval(cfg, transport.size)
-    if evaluates:  # this rank's share of the evaluation batches, the same every round
-        sets = runner.exp.eval_sets
-        mine = evaluation.share(evaluation.batches(sets, cfg.eval.batch_size), transport.rank - 1,
-                                transport.size - 1)
+    weights = host_buffer((runner.model.size,), np.float32, pinned=runner.device.cuda)
+    host_weights = torch.from_numpy(weights)
     while True:
         transport.wait_quietly()
         transport.broadcast(header)
@@ -206,18 +289,16 @@ def worker_loop(transport, runner: ClientRunner, defense: Defense) -> None:
         transport.broadcast(weights)
         t = int(header[0])
         plan = RoundPlan.make(cfg.seed, cfg.data.num_clients, cfg.clients_per_round, t, blocks)
-        global_weights = torch.from_numpy(weights)
-        runner.run_round(global_weights.to(runner.device), t, plan.selected)
+        runner.run_round(host_weights.to(runner.device.device), t, plan.selected)
         transport.wait_quietly()
         if path == "gather":
             gather_blocks(transport, runner.blocks, None, plan.rows_per_rank)
         else:
-            reduce_round(transport, defense, plan, runner.blocks, global_weights, runner.model.trainable, t, cfg)
-        if evaluates:  # Server.evaluate: receive w_{t+1}, count on this rank's batches, sum on rank 0
+            reduce_round(transport, defense, plan, runner.blocks, host_weights, runner.model.trainable, t, cfg)
+        if parallel_eval(cfg, transport.size):  # Server.evaluate: w_{t+1}, counted on this rank's share
             transport.wait_quietly()
             transport.broadcast(weights)
-            runner.model.load(torch.from_numpy(weights).to(runner.device))
-            counts = evaluation.count_hits(runner.model, sets, mine, cfg.eval.batch_size)
+            counts = runner.evaluate(host_weights.to(runner.device.device))
             transport.wait_quietly()
             transport.sum_int64(counts, to_all=False)
 
