@@ -5,13 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 OUT ?= runs/quickstart
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench gpu-check lint clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,mpich,test]'
 	touch $(STAMP)
 
 run: install
@@ -22,6 +22,12 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# On a machine with a CUDA GPU and a CUDA build of torch: device tests, the quick start on the GPU
+# (same sha three ways), and batched vs one-by-one clients per GPU into benchmarks/results/gpu.
+GPU_OUT ?= benchmarks/results/gpu
+gpu-check:
+	PYTHON=$(PY) bash jobs/gpu-check.sh $(GPU_OUT)
 
 lint: install
 	$(VENV)/bin/ruff check fdcr_mpi tests benchmarks

@@ -61,40 +61,55 @@ def client_trigger(config: BaseConfig, malicious: np.ndarray, client: int) -> to
     return parts[int(np.searchsorted(attackers, client))]
 
 
-def build_client(config: BaseConfig, raw: RawSplit, spec: DatasetSpec, indices: np.ndarray,
+class TakenRows:
+    """The images of some rows of a split, read from the files once: a rank reads the rows of its
+    clients (and of its evaluation share), never the whole data set."""
+
+    def __init__(self, split: RawSplit, rows: list[np.ndarray]) -> None:
+        self.rows = np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
+        self.x = split.x[self.rows]
+        self.y = split.y
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of ``rows`` (which must be among the rows read)."""
+        return self.x[np.searchsorted(self.rows, rows)], self.y[rows]
+
+
+def build_client(config: BaseConfig, images: np.ndarray, labels: np.ndarray, spec: DatasetSpec,
                  malicious: np.ndarray, client: int) -> ClientData:
-    """Client ``client``'s data; an attacker relabels a fixed seeded half and carries a trigger."""
-    x = preprocess(raw.x[indices], spec)
-    true_y = torch.as_tensor(raw.y[indices], dtype=torch.int64)
+    """Client ``client``'s data from its raw ``images`` and ``labels``; an attacker relabels a
+    fixed seeded half and carries a trigger."""
+    x = preprocess(images, spec)
+    true_y = torch.as_tensor(labels, dtype=torch.int64)
     y = true_y.clone()
-    poisoned = torch.zeros(len(indices), dtype=torch.bool)
+    poisoned = torch.zeros(len(labels), dtype=torch.bool)
     trigger = None
     if malicious[client] and config.attack.kind != "none":
         rng = seeding.numpy_rng(config.seed, seeding.POISON, client)
-        poisoned = torch.as_tensor(poison_mask(len(indices), config.attack.poison_rate, rng))
+        poisoned = torch.as_tensor(poison_mask(len(labels), config.attack.poison_rate, rng))
         y[poisoned] = config.attack.target_label
         trigger = client_trigger(config, malicious, client)
     return ClientData(x=x, y=y, poisoned=poisoned, trigger=trigger, trigger_value=config.trigger.value,
                       true_y=true_y)
 
 
-def build_eval_sets(config: BaseConfig, train: RawSplit, test: RawSplit, spec: DatasetSpec,
-                    val_idx: np.ndarray, work: list[Batch], with_proxy: bool) -> EvalSets:
+def build_eval_sets(config: BaseConfig, test: RawSplit, spec: DatasetSpec, work: list[Batch],
+                    proxy: tuple[np.ndarray, np.ndarray] | None) -> EvalSets:
     """The rows of the test set and of the triggered test set that the batches ``work`` cover,
-    the labels of the whole test set and, when asked, the 256-sample proxy set."""
+    the labels of the whole test set and the ``proxy`` (images, labels), if any."""
     rows = test_rows(config, len(test.y))
     clean, triggered = evaluation.rows(work)
+    held = TakenRows(test, [rows[clean.start:clean.stop], rows[triggered.start:triggered.stop]])
     mask = trigger_mask(config.trigger.pattern)[: spec.channels]
     sets = EvalSets(
-        test_x=preprocess(test.x[rows[clean.start:clean.stop]], spec),
+        test_x=preprocess(held.take(rows[clean.start:clean.stop])[0], spec),
         test_y=torch.as_tensor(test.y[rows], dtype=torch.int64),
-        backdoor_incl_x=apply_trigger(preprocess(test.x[rows[triggered.start:triggered.stop]], spec), mask,
+        backdoor_incl_x=apply_trigger(preprocess(held.take(rows[triggered.start:triggered.stop])[0], spec), mask,
                                       config.trigger.value),
         target=config.attack.target_label, clean=clean, triggered=triggered)
-    if with_proxy:
-        proxy = proxy_indices(val_idx, seeding.numpy_rng(config.seed, seeding.PROXY), config.data.proxy_size)
-        sets.proxy_x = preprocess(train.x[proxy], spec)
-        sets.proxy_y = torch.as_tensor(train.y[proxy], dtype=torch.int64)
+    if proxy is not None:
+        sets.proxy_x = preprocess(proxy[0], spec)
+        sets.proxy_y = torch.as_tensor(proxy[1], dtype=torch.int64)
     return sets
 
 
@@ -126,12 +141,15 @@ def build_experiment(config: BaseConfig, client_ids: list[int], *, eval_share: t
     malicious = choose_malicious(data.num_clients, ratio, config.attack.malicious_ids,
                                  seeding.numpy_rng(config.seed, seeding.ATTACKERS))
     exp = Experiment(config=config, spec=spec, partition=partition, malicious=malicious)
+    proxy = proxy_indices(val_idx, seeding.numpy_rng(config.seed, seeding.PROXY), config.data.proxy_size) \
+        if server and with_proxy else None
+    held = TakenRows(train, [partition[k] for k in client_ids] + ([proxy] if proxy is not None else []))
     for k in client_ids:
-        exp.clients[k] = build_client(config, train, spec, partition[k], malicious, k).to(device)
+        exp.clients[k] = build_client(config, *held.take(partition[k]), spec, malicious, k).to(device)
     if eval_share is not None or server:
         size = len(test_rows(config, len(test.y)))
         exp.eval_work = evaluation.share(evaluation.batches(size, config.eval.batch_size), *eval_share) \
             if eval_share is not None else []
-        exp.eval_sets = build_eval_sets(config, train, test, spec, val_idx, exp.eval_work,
-                                        server and with_proxy).to(device)
+        exp.eval_sets = build_eval_sets(config, test, spec, exp.eval_work,
+                                        held.take(proxy) if proxy is not None else None).to(device)
     return exp

@@ -29,7 +29,7 @@ PROBE = r"""
 import ctypes, json, sys
 import torch
 from fdcr_mpi.config import load_config
-from fdcr_mpi.runtime.run import setup_process
+from fdcr_mpi.runtime.run import prepare_process
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -38,7 +38,7 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
-setup_process(load_config(None, [f"runtime.malloc={sys.argv[1]}", "runtime.threads=1"]), 1)
+prepare_process(load_config(None, [f"runtime.malloc={sys.argv[1]}"]))
 before = libc.mallinfo2()
 x = torch.ones(6 * 2**20)  # 24 MiB
 after = libc.mallinfo2()

@@ -11,7 +11,7 @@ from fdcr_mpi.data.poison import trigger_mask
 from fdcr_mpi.experiment import build_experiment
 from fdcr_mpi.runtime.worker import ClientRunner, boost_update
 
-BASE = ["data.dataset=synthetic", "rounds=1", "train.local_epochs=1", "runtime.threads=1",
+BASE = ["data.dataset=synthetic", "rounds=1", "train.local_epochs=1",
         "fisher.max_samples=64", "attack.malicious_ratio=0.2", "data.num_clients=5"]
 
 

@@ -497,3 +497,62 @@ def test_backdoor_test_set() -> None:
     torch.testing.assert_close(xs, apply_trigger(x[y != 2], mask, 1.0))
     xa, ya = backdoor_test_set(x, y, mask, 1.0, target=2, include_target=True)
     assert xa.shape[0] == 20 and (ya == 2).all()
+
+
+# --- a rank reads only the rows it needs ------------------------------------------------------
+
+
+def test_mnist_images_are_memory_mapped_and_equal_torchvisions(shared_data: Path) -> None:
+    train, test, _ = load_raw("fmnist", shared_data)
+    assert isinstance(train.x, np.memmap) and isinstance(test.x, np.memmap)  # nothing read until taken
+    reference = import_torchvision().datasets.FashionMNIST(str(shared_data), train=True, download=False)
+    rows = np.array([0, 7, 59_999, 31_337])
+    np.testing.assert_array_equal(train.x[rows], reference.data.numpy()[rows])
+    np.testing.assert_array_equal(train.y, reference.targets.numpy())
+
+
+def _fake_cifar(root: Path, per_batch: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10's layout with random batches of ``per_batch`` images; returns all train (x HWC, y)."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    xs, ys = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        with (folder / name).open("wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+        if name != "test_batch":
+            xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys += labels
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
+    return np.concatenate(xs), np.asarray(ys)
+
+
+def test_cifar_rows_are_read_from_their_own_batches(tmp_path: Path) -> None:
+    x, y = _fake_cifar(tmp_path)
+    train, test, spec = load_raw("cifar10", tmp_path)
+    assert train.x.shape == (35, 32, 32, 3) and len(test.y) == 7 and spec.channels == 3
+    np.testing.assert_array_equal(train.y, y)
+    rows = np.array([0, 6, 7, 20, 34])  # across the first, second, third and last batch
+    np.testing.assert_array_equal(train.x[rows], x[rows])
+    np.testing.assert_array_equal(train.x[3:9], x[3:9])
+    assert preprocess(train.x[rows], spec).shape == (5, 3, 32, 32)
+
+
+def test_a_rank_holds_its_clients_rows_and_its_evaluation_share(shared_data: Path) -> None:
+    from fdcr_mpi.config import load_config
+    from fdcr_mpi.experiment import build_experiment
+
+    config = load_config(None, ["data.dataset=fmnist", f"data.root={shared_data}", "eval.batch_size=1000"])
+    exp = build_experiment(config, [3, 4], eval_share=(2, 4))
+    train, test, spec = load_raw("fmnist", shared_data)
+    for k in (3, 4):  # the same tensors as preprocessing every image of the client directly
+        torch.testing.assert_close(exp.clients[k].x, preprocess(np.asarray(train.x)[exp.partition[k]], spec),
+                                   rtol=0, atol=0)
+    sets = exp.eval_sets
+    assert len(exp.eval_work) == 5 and sets.size == 10_000  # 20 batches, a quarter of them
+    assert sets.test_x.shape[0] + sets.backdoor_incl_x.shape[0] == 5_000
+    assert sets.proxy_x is None

@@ -11,7 +11,7 @@ import pytest
 from fdcr_mpi.defenses import available
 from tests.test_mpi import final_sha, launch, requires_mpi
 
-SMALL = ["data.dataset=digits", "rounds=2", "train.local_epochs=1", "runtime.threads=1",
+SMALL = ["data.dataset=digits", "rounds=2", "train.local_epochs=1",
          "fisher.max_samples=32", "data.proxy_size=64"]
 
 

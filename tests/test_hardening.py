@@ -25,7 +25,7 @@ from fdcr_mpi.quarantine import defend_with_quarantine
 from fdcr_mpi.runtime.sentinel import FAILURE_FILE, PREVIOUS_FAILURE_FILE, note_failure
 from tests.test_mpi import FDCR, MPIEXEC, env, final_sha, launch, requires_mpi
 
-TINY = ["data.dataset=digits", "rounds=4", "train.local_epochs=1", "runtime.threads=1", "fisher.max_samples=32"]
+TINY = ["data.dataset=digits", "rounds=4", "train.local_epochs=1", "fisher.max_samples=32"]
 
 
 def tiny_proxy() -> ProxyData:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.test_mpi import FDCR, MPIEXEC, env, final_sha, launch, requires_mpi
 
-TINY = ["data.dataset=digits", "rounds=8", "train.local_epochs=1", "runtime.threads=1", "fisher.max_samples=32"]
+TINY = ["data.dataset=digits", "rounds=8", "train.local_epochs=1", "fisher.max_samples=32"]
 
 
 def start(args: list[str], n: int | None) -> subprocess.Popen:

@@ -113,7 +113,7 @@ def load_raw(
     elif name == "synthetic":
         train, test = _make_synthetic(seed)
     else:
-        train, test = _load_torchvision(_SOURCES[name], resolve_root(root), download)
+        train, test = _load_torchvision(name, resolve_root(root), download)
     for split in (train, test):
         _validate(split, spec, _SOURCES[name].title if name in _SOURCES else name)
     return train, test, spec
@@ -135,25 +135,104 @@ def _not_found(src: _Source, root: Path, missing: list[Path]) -> UserError:
     return UserError(f"{src.title} was not found under {root} ({where}); {_HINT}")
 
 
-def _load_torchvision(src: _Source, root: Path, download: bool) -> tuple[RawSplit, RawSplit]:
-    """Both splits of a torchvision dataset, with every failure turned into a UserError."""
-    missing = _missing(src, root)
-    if missing and not download:
-        raise _not_found(src, root, missing)
-    if not missing and src.idx:
-        for f in src.files:
-            _check_idx(src, root / src.folder / f)
+def fetch(name: str, root: str | Path | None) -> None:
+    """Fetch dataset ``name`` into ``root`` through torchvision unless its files are there (one
+    rank per file system calls this, before the others read; see ``runtime.run``)."""
+    if name not in _SOURCES:
+        return
+    src, root = _SOURCES[name], resolve_root(root)
+    if not _missing(src, root):
+        return
     cls = getattr(import_torchvision().datasets, src.cls_name)
     try:
-        splits = [cls(str(root), train=train, download=download) for train in (True, False)]
-    except Exception as exc:  # torchvision raises many kinds: RuntimeError, OSError, pickle, ...
-        if _missing(src, root):
-            raise UserError(
-                f"downloading {src.title} into {root} failed ({_first_line(exc)}); check the "
-                f"network connection, or place the files under {root / src.folder}"
-            ) from exc
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except Exception as exc:  # torchvision raises many kinds: URLError, RuntimeError, OSError, ...
+        raise UserError(
+            f"downloading {src.title} into {root} failed ({_first_line(exc)}); check the "
+            f"network connection, or place the files under {root / src.folder}"
+        ) from exc
+
+
+def _load_torchvision(name: str, root: Path, download: bool) -> tuple[RawSplit, RawSplit]:
+    """Both splits of a torchvision dataset, with every failure turned into a UserError.
+
+    The files are torchvision's (downloaded by it when asked); the images of MNIST and
+    Fashion-MNIST are memory-mapped and CIFAR-10's read from their pickled batches only when a
+    rank takes rows, so a rank holds the rows of its clients and of its evaluation share, not
+    the whole data set.
+    """
+    src = _SOURCES[name]
+    if download:
+        fetch(name, root)
+    missing = _missing(src, root)
+    if missing:
+        raise _not_found(src, root, missing)
+    folder = root / src.folder
+    try:
+        if src.idx:
+            for f in src.files:
+                _check_idx(src, folder / f)
+            return (RawSplit(_idx_array(folder / src.files[0]), _idx_array(folder / src.files[1]).astype(np.int64)),
+                    RawSplit(_idx_array(folder / src.files[2]), _idx_array(folder / src.files[3]).astype(np.int64)))
+        if src.cls_name == "CIFAR10":
+            return (PickledImages.split([folder / f for f in src.files[:5]]),
+                    PickledImages.split([folder / src.files[5]]))
+        cls = getattr(import_torchvision().datasets, src.cls_name)
+        splits = [cls(str(root), train=train, download=False) for train in (True, False)]
+        return _to_raw(splits[0]), _to_raw(splits[1])
+    except UserError:
+        raise
+    except Exception as exc:  # torchvision and pickle raise many kinds: RuntimeError, OSError, ...
         raise _corrupted(src, root, exc) from exc
-    return _to_raw(splits[0]), _to_raw(splits[1])
+
+
+def _idx_array(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format, checked by ``_check_idx``) as a read-only uint8 memory map."""
+    with path.open("rb") as f:
+        head = f.read(4)
+        shape = tuple(int.from_bytes(f.read(4), "big") for _ in range(head[3]))
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=4 + 4 * len(shape), shape=shape)
+
+
+class PickledImages:
+    """CIFAR-10's images in its pickled batches, unpickled only when rows are taken (a batch at a
+    time), as (n, 32, 32, 3) uint8 like torchvision's ``CIFAR10.data``."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, files: list[Path], counts: list[int]) -> None:
+        self.files, self.counts = files, counts
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.shape = (int(self.starts[-1]), 32, 32, 3)
+
+    @classmethod
+    def split(cls, files: list[Path]) -> RawSplit:
+        """The images (lazy) and labels of the batches ``files``."""
+        labels = [np.asarray(_unpickle(f)["labels"], dtype=np.int64) for f in files]
+        return RawSplit(cls(files, [len(y) for y in labels]), np.concatenate(labels))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray | slice) -> np.ndarray:
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        out = np.empty((rows.size, 32, 32, 3), dtype=np.uint8)
+        batch_of = np.searchsorted(self.starts, rows, side="right") - 1
+        for b in np.unique(batch_of):
+            take = batch_of == b
+            data = np.asarray(_unpickle(self.files[b])["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            out[take] = data[rows[take] - self.starts[b]].transpose(0, 2, 3, 1)
+        return out
+
+
+def _unpickle(path: Path) -> dict:
+    """One CIFAR batch (torchvision's ``CIFAR10`` reads them the same way)."""
+    import pickle
+
+    with path.open("rb") as f:
+        return pickle.load(f, encoding="latin1")
 
 
 def _check_idx(src: _Source, path: Path) -> None:

@@ -47,9 +47,8 @@ def set_tf32(enabled: bool) -> None:
     """TF32 for float32 matrix products and convolutions on the GPU, on or off."""
     precision = "tf32" if enabled else "ieee"
     if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = precision
-        torch.backends.cudnn.conv.fp32_precision = precision
-        torch.backends.cudnn.rnn.fp32_precision = precision
+        for backend in (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn):
+            backend.fp32_precision = precision
     else:  # pragma: no cover - older torch
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled

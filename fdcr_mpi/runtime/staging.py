@@ -41,7 +41,10 @@ def host_buffer(shape: tuple[int, ...], dtype: np.dtype | type, pinned: bool) ->
 
 
 def _unregister(pointer: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(pointer)
+    try:
+        torch.cuda.cudart().cudaHostUnregister(pointer)
+    except RuntimeError:  # the process is ending and CUDA with it
+        pass
 
 
 def is_pinned(array: np.ndarray) -> bool:
