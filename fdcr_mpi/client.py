@@ -29,6 +29,7 @@ class ClientData:
     y: (n,) labels, with the poisoned rows already relabelled to the target.
     poisoned: (n,) bool, the fixed rows that carry the trigger.
     trigger: (3, 32, 32) bool mask of this client's trigger, or None for a benign client.
+    augment: False when ``x`` holds images augmented once for good (attack.augmentation: frozen).
     """
 
     x: torch.Tensor
@@ -37,6 +38,7 @@ class ClientData:
     trigger: torch.Tensor | None = None
     trigger_value: float = 1.0
     true_y: torch.Tensor | None = None  # labels before poisoning (an attacker knows its clean data)
+    augment: bool = True
 
     def __len__(self) -> int:
         return int(self.y.numel())
@@ -50,7 +52,7 @@ class ClientData:
     def inputs(self, idx: torch.Tensor, spec: DatasetSpec, generator: torch.Generator | None) -> torch.Tensor:
         """Model-ready batch of rows ``idx``: augmented when a generator is given, then triggered."""
         x = self.x[idx]  # advanced indexing copies: safe to stamp in place
-        if generator is not None:
+        if generator is not None and self.augment:
             x = augment(x, spec, generator)
         if self.trigger is not None:
             rows = self.poisoned[idx]
