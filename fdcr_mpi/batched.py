@@ -117,7 +117,7 @@ def train_group(model: FlatModel, start: torch.Tensor, datas: list[ClientData], 
     order = sorted(range(num), key=lambda k: -per_epoch[k])  # stable: ties keep the client order
     total_steps = [per_epoch[k] * settings.local_epochs for k in order]
     device = start.device
-    streams = [_draw_stream(len(datas[k]), settings, spec, generators[k], device) for k in order]
+    streams = [_draw_stream(len(datas[k]), settings, spec, generators[k], device, datas[k].augment) for k in order]
     for stream, steps in zip(streams, total_steps):
         if steps == 0:  # still draws its per-epoch permutations, as local_train does
             for _ in stream:
@@ -174,11 +174,11 @@ def train_group(model: FlatModel, start: torch.Tensor, datas: list[ClientData], 
 
 
 def _draw_stream(n: int, settings: TrainSettings, spec: DatasetSpec, generator: torch.Generator,
-                 device: torch.device) -> Iterator[tuple[torch.Tensor, Shifts]]:
+                 device: torch.device, augment: bool) -> Iterator[tuple[torch.Tensor, Shifts | None]]:
     """One client's index batches and shifts over all epochs, each epoch drawn when it starts
     (``client.draw_epoch``), as ``local_train`` draws them."""
     for _ in range(settings.local_epochs):
-        yield from draw_epoch(n, settings, spec, generator, device)
+        yield from draw_epoch(n, settings, spec, generator, device, augment)
 
 
 def _param_leaves(weights: torch.Tensor, shapes: list[tuple[str, torch.Size, int]]) -> dict[str, torch.Tensor]:

@@ -60,13 +60,14 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="Table 4 (A, R, V over seeds) as Markdown, CSV and LaTeX")
     report.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="sweep out roots or run directories")
     report.add_argument("--out", type=Path, help="output folder (default DIR/report)")
-    report.add_argument("--reference", type=Path, help="the paper's table4.csv (default ../shared/reference)")
+    report.add_argument("--reference", type=Path,
+                        help="a Table 4 CSV to compare with instead of the paper's (shipped with fdcr_mpi)")
     report.add_argument("--partial", action="store_true", help="also count unfinished runs")
     report.set_defaults(handler=cmd_report)
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:
-    plot = sub.add_parser("plot", help="PNG figures: A and R per round (Fig. 3), V_k and alpha_hat_k (Fig. 2)")
+    plot = sub.add_parser("plot", help="PNG figures: A, R_paper and R per round (Fig. 3), V_k and alpha_hat_k (Fig. 2)")
     plot.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="sweep out roots or run directories")
     plot.add_argument("--out", type=Path, help="output folder (default DIR/figures)")
     plot.add_argument("--partial", action="store_true", help="also draw unfinished runs")

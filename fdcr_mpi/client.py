@@ -32,6 +32,7 @@ class ClientData:
     y: (n,) labels, with the poisoned rows already relabelled to the target.
     poisoned: (n,) bool, the fixed rows that carry the trigger.
     trigger: (3, 32, 32) bool mask of this client's trigger, or None for a benign client.
+    augment: False when ``x`` holds images augmented once for good (attack.augmentation: frozen).
     """
 
     x: torch.Tensor
@@ -40,6 +41,7 @@ class ClientData:
     trigger: torch.Tensor | None = None
     trigger_value: float = 1.0
     true_y: torch.Tensor | None = None  # labels before poisoning (an attacker knows its clean data)
+    augment: bool = True
 
     def __len__(self) -> int:
         return int(self.y.numel())
@@ -54,7 +56,7 @@ class ClientData:
             return None if t is None else t.to(device)
 
         return ClientData(x=move(self.x), y=move(self.y), poisoned=move(self.poisoned), trigger=move(self.trigger),
-                          trigger_value=self.trigger_value, true_y=move(self.true_y))
+                          trigger_value=self.trigger_value, true_y=move(self.true_y), augment=self.augment)
 
     def clean_part(self) -> ClientData:
         """The samples that carry no trigger, with their true labels (what a benign client holds)."""
@@ -98,21 +100,24 @@ class Epoch:
     """One epoch of a client's draws, on the device: its index batches and each batch's shifts."""
 
     batches: list[torch.Tensor]
-    shifts: list[Shifts]
+    shifts: list[Shifts | None]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, Shifts]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Shifts | None]]:
         return iter(zip(self.batches, self.shifts))
 
 
 def draw_epoch(n: int, settings: TrainSettings, spec: DatasetSpec, generator: torch.Generator,
-               device: torch.device) -> Epoch:
+               device: torch.device, augment: bool = True) -> Epoch:
     """An epoch's draws from ``generator``, in the order training consumes them: the permutation
-    of the ``n`` samples, then each batch's crops (and flips); moved to ``device`` in one copy."""
+    of the ``n`` samples, then each batch's crops (and flips) unless ``augment`` is off (data
+    augmented once for good); moved to ``device`` in one copy."""
     order = torch.randperm(n, generator=generator)
     parts = batches(n, settings.batch_size, settings.drop_last, order)
-    shifts = [Shifts.draw(len(p), spec, generator) for p in parts]
     if not parts:
         return Epoch([], [])
+    if not augment:
+        return Epoch(list(torch.cat(parts).to(device).split([len(p) for p in parts])), [None] * len(parts))
+    shifts = [Shifts.draw(len(p), spec, generator) for p in parts]
     columns = [torch.cat(parts), torch.cat([s.top for s in shifts]), torch.cat([s.left for s in shifts])]
     if spec.hflip:
         columns.append(torch.cat([s.flip for s in shifts]).long())
@@ -130,7 +135,7 @@ def train_client(model: FlatModel, data: ClientData, spec: DatasetSpec, settings
     optimizer = FlatSGD(model, settings.lr, settings.momentum, settings.weight_decay)
     total, steps = torch.zeros((), dtype=torch.float64, device=device), 0
     for _ in range(settings.local_epochs):
-        for idx, shifts in draw_epoch(len(data), settings, spec, generator, device):
+        for idx, shifts in draw_epoch(len(data), settings, spec, generator, device, data.augment):
             x = data.inputs(idx, spec, shifts)
             model.zero_grad()
             loss = F.cross_entropy(module(x), data.y[idx])

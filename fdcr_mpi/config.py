@@ -5,7 +5,7 @@ result against the schema below (unknown keys and bad values are ``UserError``s 
 key and, where there are any, the valid choices). Every defense contributes its own section
 ``<defense name>.*`` from its ``Options`` model, so adding a defense needs no change here.
 
-Defaults reproduce the paper's setting (ALGORITHM.md section 6).
+Defaults reproduce the paper's setting (docs/SPEC.md section 6).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class DataConfig(Section):
     min_client_size: int = pydantic.Field(10, ge=1)
     val_fraction: float = pydantic.Field(0.1, gt=0, lt=1)
     proxy_size: int = pydantic.Field(256, ge=1)
+    normalization: Literal["spec", "released"] = "spec"
+    """spec: CIFAR-10 std (0.2470, 0.2435, 0.2615) (docs/SPEC.md section 3); released: the
+    released code's (0.2023, 0.1994, 0.2010) (``fdcr_mpi.data.released``). Grayscale: the same."""
 
     @pydantic.field_validator("beta")
     @classmethod
@@ -49,7 +52,7 @@ class DataConfig(Section):
 
 
 class AttackConfig(Section):
-    """Who attacks and how (ALGORITHM.md section 3, plus attacks beyond the paper).
+    """Who attacks and how (docs/SPEC.md section 3, plus attacks beyond the paper).
 
     kind: ``badnets`` (the trigger of ``trigger.pattern`` on a fixed half of each attacker's
     samples), ``dba`` (the trigger split into parts, one per attacker; the full trigger at
@@ -59,6 +62,10 @@ class AttackConfig(Section):
     ``mimic`` (the Fisher of its clean samples only, as a benign client would report) or
     ``noise`` (N(0, 1) noise on every parameter: what the released FDCR code substitutes for
     the attackers' Fisher vectors, here reported by the attackers themselves).
+    poisoning: ``fixed`` (a seeded subset of exactly round(poison_rate n) samples) or
+    ``bernoulli`` (each sample independently with probability poison_rate, as the released code).
+    augmentation: ``fresh`` (an attacker's batches are augmented anew every epoch, as a benign
+    client's) or ``frozen`` (augmented once when its data is built, as the released code).
     """
 
     kind: Literal["badnets", "dba", "none"] = "badnets"
@@ -68,6 +75,8 @@ class AttackConfig(Section):
     poison_rate: float = pydantic.Field(0.5, gt=0, le=1)
     scale: float = pydantic.Field(1.0, gt=0)
     fisher: Literal["honest", "uniform", "mimic", "noise"] = "honest"
+    poisoning: Literal["fixed", "bernoulli"] = "fixed"
+    augmentation: Literal["fresh", "frozen"] = "fresh"
 
 
 class TriggerConfig(Section):
@@ -88,7 +97,12 @@ class TrainConfig(Section):
 
 
 class FisherConfig(Section):
-    estimator: Literal["empirical", "batch_mean_sq"] = "empirical"
+    """estimator: ``empirical`` (Eq. 5: the mean of per-sample squared gradients), ``batch_mean_sq``
+    ((mean batch gradient)^2 of the cross-entropy), or ``released`` (the released code's:
+    (mean batch gradient)^2 of log_softmax(logits)[:, labels].mean() on shuffled, augmented
+    training batches; ``fdcr_mpi.fisher_released``)."""
+
+    estimator: Literal["empirical", "batch_mean_sq", "released"] = "empirical"
     max_samples: int | None = pydantic.Field(None, ge=1)
     chunk_size: int | None = pydantic.Field(None, ge=1)
     backend: Literal["layers", "vmap"] = "layers"  # how per-sample gradients are summed (same F)
@@ -310,11 +324,21 @@ def from_yaml(text: str) -> BaseConfig:
     return validate(yaml.safe_load(text))
 
 
+HASH_NEUTRAL: dict[str, Any] = {
+    "data.normalization": "spec", "attack.poisoning": "fixed", "attack.augmentation": "fresh",
+    "fdcr.variant": "paper", **{f"{name}.variant": "original" for name in (
+        "multi_krum", "trimmed_median", "bulyan", "foolsgold", "sageflow", "crfl", "dnc")},
+}
+"""Keys added after run files existed, with the value that reproduces the runs made before them:
+left at that value they stay out of the hash, so those runs keep their hash (and resume)."""
+
+
 def config_hash(config: BaseConfig) -> str:
     """sha256 of everything that decides the results.
 
-    Left out: ``runtime``, the data paths, and the option sections of the defenses this run
-    does not use (changing another defense's defaults must not orphan a finished run).
+    Left out: ``runtime``, the data paths, the option sections of the defenses this run does
+    not use (changing another defense's defaults must not orphan a finished run), and the
+    ``HASH_NEUTRAL`` keys at their neutral values.
     """
     from fdcr_mpi.defenses import available
 
@@ -325,4 +349,8 @@ def config_hash(config: BaseConfig) -> str:
             data.pop(name, None)
     data["data"].pop("root", None)
     data["data"].pop("download", None)
+    for dotted, neutral in HASH_NEUTRAL.items():
+        section, key = dotted.split(".")
+        if section in data and data[section].get(key, neutral) == neutral:
+            data[section].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

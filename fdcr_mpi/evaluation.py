@@ -1,4 +1,4 @@
-"""A round's evaluation (ALGORITHM.md section 5: A and ASR) as integer counts over fixed batches.
+"""A round's evaluation (docs/SPEC.md section 5: A and ASR) as integer counts over fixed batches.
 
 The test set and the triggered test set (every test image with the trigger) are cut into
 batches of ``eval.batch_size`` rows; the batches are the same however the run is launched, so
@@ -130,8 +130,8 @@ def count_hits(model: FlatModel, sets: EvalSets, work: list[Batch]) -> torch.Ten
 
 
 def scores(counts: np.ndarray, sets: EvalSets) -> dict[str, float]:
-    """A, ASR (true label not the target), ASR including target-class images, R and V from the
-    summed counts."""
+    """A, ASR (true label not the target), ASR including target-class images, R and V, and the
+    paper's R_paper and V_paper, from the summed counts (docs/SPEC.md section 5)."""
 
     def percent(hits: int, total: int) -> float:
         return 100.0 * hits / total if total else float("nan")
@@ -140,4 +140,6 @@ def scores(counts: np.ndarray, sets: EvalSets) -> dict[str, float]:
     asr = percent(int(counts[1]), int(sets.backdoor_rows.sum()))
     asr_incl = percent(int(counts[2]), sets.size)
     r = metrics.backdoor_failure_rate(asr)
-    return {"A": a, "asr": asr, "asr_incl_target": asr_incl, "R": r, "V": metrics.v_score(a, r)}
+    r_paper = metrics.backdoor_failure_rate(asr_incl)
+    return {"A": a, "asr": asr, "asr_incl_target": asr_incl, "R": r, "V": metrics.v_score(a, r),
+            "R_paper": r_paper, "V_paper": metrics.v_score(a, r_paper)}

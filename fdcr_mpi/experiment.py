@@ -15,6 +15,7 @@ import torch
 from fdcr_mpi import evaluation, seeding
 from fdcr_mpi.client import ClientData, TrainSettings
 from fdcr_mpi.config import BaseConfig
+from fdcr_mpi.data import released
 from fdcr_mpi.data.datasets import DatasetSpec, RawSplit, load_raw, preprocess
 from fdcr_mpi.data.partition import (
     choose_malicious,
@@ -22,7 +23,7 @@ from fdcr_mpi.data.partition import (
     proxy_indices,
     train_val_split,
 )
-from fdcr_mpi.data.poison import apply_trigger, dba_masks, poison_mask, trigger_mask
+from fdcr_mpi.data.poison import apply_trigger, dba_masks, trigger_mask
 from fdcr_mpi.evaluation import Batch, EvalSets
 
 
@@ -84,13 +85,18 @@ def build_client(config: BaseConfig, images: np.ndarray, labels: np.ndarray, spe
     y = true_y.clone()
     poisoned = torch.zeros(len(labels), dtype=torch.bool)
     trigger = None
+    frozen = False
     if malicious[client] and config.attack.kind != "none":
         rng = seeding.numpy_rng(config.seed, seeding.POISON, client)
-        poisoned = torch.as_tensor(poison_mask(len(labels), config.attack.poison_rate, rng))
+        poisoned = torch.as_tensor(released.poisoned_rows(config.attack.poisoning, len(labels),
+                                                          config.attack.poison_rate, rng))
         y[poisoned] = config.attack.target_label
         trigger = client_trigger(config, malicious, client)
+        frozen = config.attack.augmentation == "frozen"
+        if frozen:
+            x = released.augment_once(x, spec, seeding.torch_generator(config.seed, seeding.AUGMENT, client))
     return ClientData(x=x, y=y, poisoned=poisoned, trigger=trigger, trigger_value=config.trigger.value,
-                      true_y=true_y)
+                      true_y=true_y, augment=not frozen)
 
 
 def build_eval_sets(config: BaseConfig, test: RawSplit, spec: DatasetSpec, work: list[Batch],
@@ -129,6 +135,7 @@ def build_experiment(config: BaseConfig, client_ids: list[int], *, eval_share: t
     ``with_proxy``, the proxy set (on the CPU)."""
     data = config.data
     train, test, spec = load_raw(data.dataset, data.root, data.download, seed=config.seed)
+    spec = released.normalized_spec(spec, data.normalization)
     train_idx, val_idx = train_val_split(len(train.y), seeding.numpy_rng(config.seed, seeding.SPLIT),
                                          data.val_fraction)
     if data.train_samples is not None and data.train_samples < len(train_idx):

@@ -1,9 +1,19 @@
-"""Metrics of a round (ALGORITHM.md section 5): A, ASR, R, V and detection rates.
+"""Metrics of a round (docs/SPEC.md section 5): A, ASR, R, V and detection rates.
+
+Two backdoor failure rates are recorded. ``R`` (ours) = 100 - ASR over the triggered test
+images whose true label is not the target; ``R_paper`` = 100 - ASR over every triggered test
+image, target class included, as the paper and the authors' code measure it. A triggered image
+of the target class that the model classifies correctly counts as a backdoor success, so a
+well-defended model reads up to the target class's share of the test set (10 points with 10
+balanced classes) lower in R_paper than in R. ``V`` and ``V_paper`` are (A + R) / 2 with either.
+Compare with the paper's tables in R_paper and V_paper.
 
 Only metrics read the ground truth (the attacker list); defenses never do.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -42,6 +52,21 @@ def backdoor_failure_rate(asr: float) -> float:
 def v_score(a: float, r: float) -> float:
     """V = (A + R) / 2."""
     return (a + r) / 2.0
+
+
+def paper_columns(rounds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """R_paper and V_paper per round from a run's columns: as stored, or, for run files written
+    before they were, from ``asr_incl_target`` and ``A``; {} when the file has neither."""
+    out: dict[str, np.ndarray] = {}
+    if "R_paper" in rounds:
+        out["R_paper"] = np.asarray(rounds["R_paper"], dtype=np.float64)
+    elif "asr_incl_target" in rounds:
+        out["R_paper"] = backdoor_failure_rate(np.asarray(rounds["asr_incl_target"], dtype=np.float64))
+    if "V_paper" in rounds:
+        out["V_paper"] = np.asarray(rounds["V_paper"], dtype=np.float64)
+    elif "R_paper" in out and "A" in rounds:
+        out["V_paper"] = v_score(np.asarray(rounds["A"], dtype=np.float64), out["R_paper"])
+    return out
 
 
 def detection_rates(removed: np.ndarray, malicious: np.ndarray) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from fdcr_mpi.errors import UserError
 
 
 class SimpleCNN(nn.Module):
-    """ALGORITHM.md section 4: 92,626 parameters, no BatchNorm."""
+    """docs/SPEC.md section 4: 92,626 parameters, no BatchNorm."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()

@@ -1,10 +1,14 @@
 """Faulty clients: rows with NaN/inf weights or Fisher, or no samples, are set aside for the round.
 
-The defense runs on the remaining rows; the quarantined clients get alpha_hat 0 and are
-recorded in the round's ``quarantined`` column. The run goes on.
+The defense runs on the remaining rows, which keep their client ids (``RoundInputs.client_ids``):
+a defense with per-client state finds each client's own history whoever is set aside. The
+quarantined clients get alpha_hat 0 and are recorded in the round's ``quarantined`` column.
+The run goes on.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -14,9 +18,10 @@ from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult
 
 def faulty_rows(inputs: RoundInputs) -> np.ndarray:
     """(K,) bool: rows whose weights or Fisher hold NaN/inf, or that claim no samples."""
-    ok = torch.isfinite(inputs.client_weights).all(dim=1) & (inputs.sizes > 0) & torch.isfinite(inputs.sizes)
+    sizes = inputs.sizes.cpu()
+    ok = torch.isfinite(inputs.client_weights).all(dim=1).cpu() & (sizes > 0) & torch.isfinite(sizes)
     if inputs.fisher is not None:
-        ok &= torch.isfinite(inputs.fisher).all(dim=1)
+        ok &= torch.isfinite(inputs.fisher).all(dim=1).cpu()
     return (~ok).numpy()
 
 
@@ -31,11 +36,14 @@ def defend_with_quarantine(defense: Defense, inputs: RoundInputs) -> tuple[Round
         return RoundResult(weights=inputs.global_weights.clone(), alpha_hat=np.zeros(k),
                            removed=np.zeros(k, dtype=bool), diagnostics={}), quarantined
     rows = torch.from_numpy(keep)
-    healthy = RoundInputs(
-        global_weights=inputs.global_weights, client_weights=inputs.client_weights[rows],
-        sizes=inputs.sizes[rows], fisher=None if inputs.fisher is None else inputs.fisher[rows],
-        trainable=inputs.trainable, lr=inputs.lr, round=inputs.round, total_rounds=inputs.total_rounds,
-        proxy=inputs.proxy, client_ids=None if inputs.client_ids is None else inputs.client_ids[keep])
+
+    def kept(t: torch.Tensor) -> torch.Tensor:
+        return t[rows.to(t.device)]
+
+    healthy = dataclasses.replace(  # every other field (round, seed, proxy, ...) as given
+        inputs, client_weights=kept(inputs.client_weights), sizes=kept(inputs.sizes),
+        fisher=None if inputs.fisher is None else kept(inputs.fisher),
+        client_ids=inputs.ids[keep])  # the rows keep their client ids: per-client state stays aligned
     return expand_result(defense.aggregate(healthy), keep, k), quarantined
 
 

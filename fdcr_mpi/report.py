@@ -1,11 +1,14 @@
 """``fdcr-mpi report``: the paper's Table 4 layout from a sweep's run files.
 
-Each run's figure is the mean of its last ``eval.final_rounds`` (5) rounds of A, R and V
-(as ``fdcr-mpi inspect`` shows); a cell is the mean and the sample standard deviation
-(n - 1) of that figure over the seeds. Rows are methods, columns are dataset x beta, one
-table per attacker ratio (and per any other setting the sweep varies). Where method,
-dataset, beta and attacker ratio match a row of the paper's Table 4 (``table4.csv`` in
-``../shared/reference``), the paper's value is printed in a row beneath ours.
+Each run's figure is the mean of its last ``eval.final_rounds`` (5) rounds (as ``fdcr-mpi
+inspect`` shows) of A, of the backdoor failure rate in the paper's metric (``R_paper``: every
+triggered test image, target class included) and its ``V_paper``, and of ours (``R``: triggered
+images of the other classes) and ``V``; a cell is the mean and the sample standard deviation
+(n - 1) of that figure over the seeds. Rows are methods, columns are dataset x beta, one table
+per attacker ratio (and per any other setting the sweep varies). Where a row of the paper's
+tables matches the run's setting (``fdcr_mpi.reference``, shipped with the package: Table 4,
+and Tables 1-3 for FDCR's ablations), the paper's A, R, V are printed beneath ours, in the
+A, R_paper, V_paper columns: the metric they were measured in.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import numpy as np
 import yaml
 
 from fdcr_mpi.errors import UserError
+from fdcr_mpi.reference import LABELS, Table, packaged, paper_figures, read_table
 
 RUN_FILE = "run.h5"
-METRICS = ("A", "R", "V")
+METRICS = ("A", "R_paper", "V_paper", "R", "V")
+PAPER_METRICS = {"A": "A", "R_paper": "R", "V_paper": "V"}  # our column: the paper's figure measured the same way
 ROW_KEY = "defense.name"
 COLUMN_KEYS = ("data.dataset", "data.beta")
 TABLE_KEY = "attack.malicious_ratio"  # one table per attacker ratio, and per anything else that varies
@@ -34,13 +39,7 @@ SEED_KEY = "seed"
 IGNORED = ("runtime.", "data.root", "data.download")
 DESCENDING = ("data.beta", "attack.malicious_ratio")  # the paper's order: 0.5 before 0.3
 REFERENCE_ENV = "FDCR_REFERENCE"
-# The paper's names of the methods, in the order of its Table 4.
-METHODS = {
-    "fedavg": "Vanilla", "multi_krum": "Multi-Krum", "foolsgold": "FoolsGold", "rlr": "RLR",
-    "rfa": "RFA", "dnc": "DnC", "bulyan": "Bulyan", "trimmed_median": "Trimmed-Median",
-    "crfl": "CRFL", "fltrust": "FLTrust", "sageflow": "Sageflow", "mma": "MMA",
-    "finetuning": "Finetuning", "fdcr": "FDCR",
-}
+METHODS = LABELS  # the paper's names of the methods, in the order of its Table 4
 DATASETS = {"cifar10": "CIFAR-10", "fmnist": "Fashion-MNIST", "usps": "USPS", "mnist": "MNIST",
             "digits": "digits", "synthetic": "synthetic"}
 
@@ -131,7 +130,7 @@ def _text(value: Any) -> str:
 def load_record(path: Path) -> RunRecord:
     """Read one run file: config, status, every round column, ground truth, final A/R/V."""
     from fdcr_mpi.checkpoint import open_h5
-    from fdcr_mpi.metrics import final_figure
+    from fdcr_mpi.metrics import final_figure, paper_columns
     from fdcr_mpi.store import read_rounds
 
     try:
@@ -143,6 +142,7 @@ def load_record(path: Path) -> RunRecord:
         raise UserError(f"could not read {path}: {exc}") from None
     config = own_options({**defaults(), **flatten(yaml.safe_load(_text(text)) or {})})  # newer keys: defaults
     rounds = read_rounds(path)
+    rounds.update(paper_columns(rounds))  # R_paper, V_paper (derived in run files older than them)
     last = final_window(config)
     final = {m: final_figure(rounds[m], last) if m in rounds else math.nan for m in METRICS}
     return RunRecord(Path(path), _text(status), config, rounds, np.asarray(malicious, bool), final)
@@ -264,46 +264,25 @@ def build_layout(records: Sequence[RunRecord]) -> Layout:
 
 
 def default_reference() -> Path | None:
-    """``$FDCR_REFERENCE``, else ``../shared/reference/table4.csv`` beside the repository or the cwd."""
-    candidates = [os.environ.get(REFERENCE_ENV)]
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        candidates.append(str(root.parent / "shared" / "reference" / "table4.csv"))
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    return None
+    """A replacement for the packaged Table 4 named by ``$FDCR_REFERENCE``, else None (the package's)."""
+    value = os.environ.get(REFERENCE_ENV)
+    return Path(value) if value else None
 
 
-def read_reference(path: Path | None) -> dict[tuple[str, str, float, float], dict[str, float]]:
-    """(method label, dataset, beta, ratio) -> {A, R, V} from the paper's table4.csv."""
-    if path is None:
-        return {}
-    if not Path(path).is_file():
-        raise UserError(f"the reference table {path} does not exist")
-    table = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                key = (row["method"], row["dataset"], float(row["beta"]), float(row["malicious_ratio"]))
-                table[key] = {m: float(row[m]) for m in METRICS}
-            except (KeyError, ValueError) as exc:
-                raise UserError(f"{path} is not the paper's table (method, dataset, beta, "
-                                f"malicious_ratio, A, R, V): {exc}") from None
-    return table
+def read_reference(path: Path | None) -> list[Table]:
+    """The paper's tables to compare with: Table 4 (from ``path`` when given, in the package's
+    layout or the paper's with a ``method`` column) and the packaged Tables 1-3."""
+    table4 = read_table(path) if path is not None else packaged("table4")
+    return [table4, *(packaged(name) for name in ("table1", "table2", "table3"))]
 
 
-def paper_values(reference: Mapping, cell: Cell) -> dict[str, float] | None:
-    """The paper's A/R/V for the cell's setting, or None where the paper has no such setting."""
-    config = cell.records[0].config
-    if config.get("attack.kind") != "badnets":
+def paper_values(reference: Sequence[Table], cell: Cell) -> dict[str, float] | None:
+    """The paper's A, R, V for the cell's setting under our column names (A, R_paper, V_paper:
+    the paper measured R on every triggered image), or None where the paper has no such setting."""
+    figures = paper_figures(cell.records[0].config, reference)
+    if figures is None:
         return None
-    method = METHODS.get(config.get(ROW_KEY))
-    try:
-        key = (method, config.get("data.dataset"), float(config.get("data.beta")),
-               float(config.get("attack.malicious_ratio")))
-    except (TypeError, ValueError):
-        return None
-    return reference.get(key)
+    return {ours: figures[theirs] for ours, theirs in PAPER_METRICS.items()}
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -341,7 +320,7 @@ class Report:
     """Everything the three output formats need."""
 
     layout: Layout
-    reference: dict
+    reference: list[Table]
     reference_path: Path | None
     counted: list[RunRecord]
     left_out: list[RunRecord]
@@ -360,17 +339,22 @@ def _seeds_line(report: Report) -> str:
 def markdown(report: Report) -> str:
     layout = report.layout
     window = final_window(report.counted[0].config)
+    source = report.reference_path.name if report.reference_path else "shipped with fdcr_mpi"
     lines = [
         "# Table 4: accuracy A, backdoor failure rate R and V = (A + R) / 2 (%)",
         "",
         f"{len(report.counted)} runs, {_seeds_line(report)} seeds per cell. Each run: the mean of its last "
         f"{window} rounds; each cell: mean ± sample standard deviation over the seeds.",
+        "",
+        "Two backdoor failure rates: **R_paper** = 100 − ASR over every triggered test image, the target "
+        "class included, as the paper measures R (V_paper = (A + R_paper) / 2); **R** = 100 − ASR over the "
+        "triggered images of the other classes, ours (V = (A + R) / 2). A well-defended model reads up to "
+        "the target class's share of the test set lower in R_paper than in R.",
+        "",
+        f"*paper* rows: the paper's figures ({source}; Table 4, or Tables 1-3 for FDCR's ablations) where "
+        "method, dataset, β and attacker ratio match, in the columns of its metric (A, R_paper, V_paper); "
+        "the paper ran its full setting.",
     ]
-    if report.reference_path:
-        lines.append(f"*paper* rows: the paper's Table 4 ({report.reference_path.name}) where method, "
-                     "dataset, β and attacker ratio match; the paper ran its full setting.")
-    else:
-        lines.append("No reference table found (../shared/reference/table4.csv): no paper rows.")
     if report.setting:
         shared = ", ".join(f"`{k}={v}`" for k, v in report.setting.items())
         lines += ["", f"Setting shared by all runs, where it differs from the defaults (the paper's): {shared}."]
@@ -393,7 +377,7 @@ def _markdown_table(report: Report, table: tuple) -> list[str]:
             values = report.paper(table, c, method)
             for m in METRICS:
                 ours.append(fmt(cell.mean(m), cell.std(m)) if cell else "")
-                paper.append(f"*{values[m]:.2f}*" if values else "")
+                paper.append(f"*{values[m]:.2f}*" if values and m in values else "")
         lines.append("| " + " | ".join(ours) + " |")
         if any(paper[1:]):
             lines.append("| " + " | ".join(paper) + " |")
@@ -410,11 +394,12 @@ def _left_out_lines(report: Report) -> list[str]:
 
 
 CSV_FIELDS = ("method", "method_label", "n_seeds", "seeds", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")],
-              *[f"paper_{m}" for m in METRICS])
+              *[f"paper_{m}" for m in PAPER_METRICS.values()])
 
 
 def csv_text(report: Report) -> str:
-    """Long format: one row per cell (setting keys, method, seeds, mean/std of A, R, V, paper)."""
+    """Long format: one row per cell (setting keys, method, seeds, mean/std of A, R_paper, V_paper,
+    R, V; the paper's A, R, V, which are measured as our A, R_paper, V_paper)."""
     layout = report.layout
     keys = [*layout.table_keys, *layout.column_keys]
     out = io.StringIO()
@@ -430,7 +415,7 @@ def csv_text(report: Report) -> str:
                 stats = [_num(f(m)) for m in METRICS for f in (cell.mean, cell.std)]
                 writer.writerow([*table, *column, method, method_label(method), cell.n,
                                  " ".join(str(s) for s in cell.seeds), *stats,
-                                 *[_num(paper.get(m, math.nan)) for m in METRICS]])
+                                 *[_num(paper.get(m, math.nan)) for m in PAPER_METRICS]])
     return out.getvalue()
 
 
@@ -450,7 +435,8 @@ def latex(report: Report) -> str:
     layout = report.layout
     window = final_window(report.counted[0].config)
     parts = [f"% fdcr-mpi report: A, R, V (%), mean of the last {window} rounds, mean $\\pm$ std over seeds.\n"
-             "% Needs \\usepackage{booktabs}."]
+             "% R_paper: every triggered test image (the paper's R); R: triggered images of the other classes.\n"
+             "% Paper rows (italics) sit in the A, R_paper, V_paper columns. Needs \\usepackage{booktabs}."]
     for table in layout.tables():
         parts.append(_latex_table(report, table))
     return "\n\n".join(parts) + "\n"
@@ -459,15 +445,17 @@ def latex(report: Report) -> str:
 def _latex_table(report: Report, table: tuple) -> str:
     layout = report.layout
     columns = layout.columns(table)
-    spec = "l" + " ccc" * len(columns)
-    groups = " & ".join(f"\\multicolumn{{3}}{{c}}{{{_tex(column_title(layout.column_keys, c))}}}" for c in columns)
-    rules = " ".join(f"\\cmidrule(lr){{{2 + 3 * i}-{4 + 3 * i}}}" for i in range(len(columns)))
+    n = len(METRICS)
+    spec = "l" + (" " + "c" * n) * len(columns)
+    groups = " & ".join(f"\\multicolumn{{{n}}}{{c}}{{{_tex(column_title(layout.column_keys, c))}}}" for c in columns)
+    rules = " ".join(f"\\cmidrule(lr){{{2 + n * i}-{1 + n * (i + 1)}}}" for i in range(len(columns)))
     lines = [
         "\\begin{table}[t]", "\\centering", "\\small",
-        f"\\caption{{{_tex(table_title(layout.table_keys, table))}: A, R, V (\\%).}}",
+        f"\\caption{{{_tex(table_title(layout.table_keys, table))}: A, R, V (\\%); R\\_paper over every "
+        "triggered image (the paper's R), R over those of the other classes.}",
         f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
         f" & {groups} \\\\", rules,
-        "Method & " + " & ".join(["A & R & V"] * len(columns)) + " \\\\", "\\midrule",
+        "Method & " + " & ".join([" & ".join(_tex(m) for m in METRICS)] * len(columns)) + " \\\\", "\\midrule",
     ]
     for method in layout.methods(table):
         ours, paper = [_tex(method_label(method))], [f"\\textit{{{_tex(method_label(method))} (paper)}}"]
@@ -476,7 +464,7 @@ def _latex_table(report: Report, table: tuple) -> str:
             values = report.paper(table, c, method)
             for m in METRICS:
                 ours.append(_tex(fmt(cell.mean(m), cell.std(m))) if cell else "")
-                paper.append(f"\\textit{{{values[m]:.2f}}}" if values else "")
+                paper.append(f"\\textit{{{values[m]:.2f}}}" if values and m in values else "")
         lines.append(" & ".join(ours) + " \\\\")
         if any(paper[1:]):
             lines.append(" & ".join(paper) + " \\\\")
@@ -485,6 +473,7 @@ def _latex_table(report: Report, table: tuple) -> str:
 
 
 def build_report(dirs: Sequence[Path], *, reference: Path | None = None, partial: bool = False) -> Report:
+    """The report of the runs below ``dirs``; ``reference``: a Table 4 file replacing the packaged one."""
     counted, left = load_records(dirs, partial=partial)
     ref_path = reference or default_reference()
     return Report(build_layout(counted), read_reference(ref_path), ref_path, counted, left,

@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Purposes, so that two streams with the same (seed, k, t) never coincide.
-PARTITION, MODEL_INIT, CLIENT, POISON, PROXY, DEFENSE, SPLIT, ATTACKERS, SELECT = range(9)
+# Purposes, so that two streams with the same (seed, k, t) never coincide. SERVER_MODEL: a
+# defense's own starting model (MarsFL's server momentum); AUGMENT: augmentation drawn once
+# (attack.augmentation: frozen).
+PARTITION, MODEL_INIT, CLIENT, POISON, PROXY, DEFENSE, SPLIT, ATTACKERS, SELECT, SERVER_MODEL, AUGMENT = range(11)
 
 
 def derive_seed(seed: int, *keys: int) -> int:

@@ -479,7 +479,8 @@ def _attr(file: h5py.File, name: str) -> Any:
 
 
 def read_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What ``fdcr-mpi inspect`` shows: status, config, rounds done, final A/R/V, detection rates."""
+    """What ``fdcr-mpi inspect`` shows: status, config, rounds done, final A/R/V and the paper's
+    R_paper/V_paper, detection rates."""
     with _open_read(path) as f:
         rounds = _rounds_of(f)
         malicious = f["clients/malicious"][()] if "clients/malicious" in f else None
@@ -492,8 +493,11 @@ def read_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
         last_round=int(rounds["round"][-1]) if n and "round" in rounds else None,
         num_malicious=int(np.sum(malicious)) if malicious is not None else None,
     )
-    for name in ("A", "R", "V"):
-        column = rounds.get(name)
+    from fdcr_mpi.metrics import paper_columns  # torch: only when summarising
+
+    columns = {**rounds, **paper_columns(rounds)}  # R_paper, V_paper (derived in older run files)
+    for name in ("A", "R", "V", "R_paper", "V_paper"):
+        column = columns.get(name)
         summary[f"final_{name}"] = _mean(column[-FINAL_WINDOW:]) if column is not None else None
     summary["tpr_mean"] = _mean(rounds.get("tpr"))
     summary["fpr_mean"] = _mean(rounds.get("fpr"))
@@ -514,7 +518,10 @@ def format_summary(summary: Mapping[str, Any], *, with_config: bool = False) -> 
         ("config hash", summary.get("config_hash")),
         ("clients", f"{summary.get('num_clients')} ({summary.get('num_malicious')} malicious)"),
         ("rounds done", f"{summary.get('rounds_done')} (last round {summary.get('last_round')})"),
-        (f"final (last {FINAL_WINDOW})", "  ".join(f"{k} {_fmt(summary.get(f'final_{k}'))}" for k in "ARV")),
+        (f"final (last {FINAL_WINDOW})", "  ".join(f"{k} {_fmt(summary.get(f'final_{k}'))}" for k in "ARV")
+         + "  (R: triggered images of the other classes)"),
+        ("paper's metric", f"R_paper {_fmt(summary.get('final_R_paper'))}  V_paper {_fmt(summary.get('final_V_paper'))}"
+         "  (R_paper: every triggered image, as the paper's tables)"),
         ("detection", f"TPR {_fmt(summary.get('tpr_mean'))}  FPR {_fmt(summary.get('fpr_mean'))} (mean over rounds)"),
     ]
     if summary.get("final_sha256"):

@@ -2,7 +2,8 @@
 # make gpu-check [GPU_OUT=DIR]: the prepared check for a machine with a CUDA GPU (at most ~8 minutes
 # on one H200). Steps, each bounded by a timeout, each reported even when another fails:
 #   1. the machine: GPU, driver, torch and CUDA versions;
-#   2. the device tests (tests/test_devices.py: training, Fisher, batched groups, evaluation and
+#   2. the device tests (tests/test_devices.py, test_gpu_variants.py: training, Fisher, batched groups, evaluation,
+#      the defenses and their variants, and
 #      pinned staging on the GPU, deterministic and close to the CPU);
 #   3. the quick start on CUDA under mpiexec -n 3, twice, and once in one process: the three final
 #      sha256 must be equal (deterministic kernels; one GPU shared by the two client ranks); and
@@ -32,7 +33,7 @@ step "machine"
 "$PY" -c "import torch; assert torch.cuda.is_available()" >> "$log" 2>&1 && record machine pass || record machine fail
 
 step "device tests on the GPU"
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_devices.py >> "$log" 2>&1 \
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_devices.py tests/test_gpu_variants.py >> "$log" 2>&1 \
   && record device_tests pass || record device_tests fail
 
 step "quick start on CUDA: mpiexec -n 3 twice, one process once"

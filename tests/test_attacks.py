@@ -83,3 +83,43 @@ def test_attackers_relabel_a_fixed_half_to_the_target(pattern: str) -> None:
     assert int(client.poisoned.sum()) == round(0.5 * len(client))
     assert bool((client.y[client.poisoned] == 2).all())
     assert torch.equal(client.trigger, trigger_mask(pattern))
+
+
+def generator_after_training(config, exp, client: int) -> tuple[torch.Generator, object]:
+    """Client ``client``'s round-0 generator advanced past its local training, as the worker
+    leaves it before the Fisher step, and the trained model."""
+    from fdcr_mpi.client import local_train
+    from fdcr_mpi.models import build_model
+    from fdcr_mpi.seeding import MODEL_INIT, client_generator, derive_seed
+
+    model = build_model(config.model.name, derive_seed(config.seed, MODEL_INIT))
+    generator = client_generator(config.seed, client, 0)
+    local_train(model, exp.clients[client], exp.spec, exp.train_settings, generator)
+    return generator, model
+
+
+def test_noise_fisher_is_the_attackers_own_n01_draw_and_fdcr_then_separates_them() -> None:
+    """attack.fisher=noise: an attacker reports N(0, 1) drawn from its round generator right after
+    training (the released server's substitution, done by the attackers, not by a defense that
+    reads the ground truth); benign clients report their honest Fisher; FDCR removes the attackers."""
+    clients = [0, 1, 2, 3, 4]
+    overrides = ["attack.malicious_ratio=0.4", "data.dataset=digits", "data.beta=iid",  # attackers 3 and 4,
+                 "train.batch_size=32"]  # equal shares: the updates' sizes do not decide
+    w0, honest_w, honest = run_round(overrides, clients)
+    _, noise_w, noise = run_round([*overrides, "attack.fisher=noise"], clients)
+    np.testing.assert_array_equal(noise_w, honest_w)  # the forgery changes nothing else
+    np.testing.assert_array_equal(noise[:3], honest[:3])  # benign clients: unchanged
+    config = load_config(None, [*BASE, *overrides, "attack.fisher=noise"])
+    exp = build_experiment(config, clients, server=False)
+    for row, k in ((3, 3), (4, 4)):
+        generator, model = generator_after_training(config, exp, k)
+        expected = torch.randn(model.num_params, generator=generator).numpy()
+        np.testing.assert_array_equal(noise[row][: model.num_params], expected)
+        assert (noise[row][model.num_params:] == 0).all()
+    from fdcr_mpi.defenses import aggregate
+
+    sizes = exp.sizes.astype(np.float64)
+    with_noise = aggregate("fdcr", w0, noise_w, noise, sizes, lr=config.train.lr)
+    np.testing.assert_array_equal(with_noise.removed, [False, False, False, True, True])
+    v = with_noise.diagnostics["discrepancy"]
+    assert v[3:].min() > 1.5 * v[:3].max()

@@ -1,4 +1,4 @@
-"""The baseline defenses of ALGORITHM.md section 7, each against an independent computation."""
+"""The baseline defenses of docs/SPEC.md section 7, each against an independent computation."""
 
 from __future__ import annotations
 
@@ -255,7 +255,8 @@ def test_foolsgold_zeroes_sybils_and_state_round_trips() -> None:
     np.testing.assert_allclose(res0.weights.numpy(), weighted_mean(uu, wv * sizes), atol=1e-5)
 
     state = fg.state_dict()
-    assert set(state) == {"history"} and isinstance(state["history"], np.ndarray)
+    assert set(state) == {"history", "history_ids"} and isinstance(state["history"], np.ndarray)
+    np.testing.assert_array_equal(state["history_ids"], np.arange(5))
     restored = FoolsGold()
     restored.load_state_dict(state)
     inputs1 = make_inputs(rng.normal(size=(5, 50)), sizes=sizes, round=1)
@@ -267,8 +268,8 @@ def test_foolsgold_zeroes_sybils_and_state_round_trips() -> None:
                                atol=1e-5)
     with pytest.raises(UserError):
         FoolsGold().load_state_dict({"other": np.zeros(1)})
-    with pytest.raises(UserError):
-        fg.aggregate(make_inputs(rng.normal(size=(4, 50))))
+    with pytest.raises(UserError, match="the model changed"):
+        fg.aggregate(make_inputs(rng.normal(size=(5, 40))))
 
 
 # ------------------------------------------------------------------ DnC

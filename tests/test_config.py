@@ -75,3 +75,43 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
                          ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_every_shipped_config_validates(path: Path) -> None:
     load_config(path)
+
+
+# config_hash of these configs before the variant and released options existed (commit a6c3979):
+# left at their defaults, the new keys must not change them, or older runs could not resume.
+HASHES_BEFORE_VARIANTS = {
+    (): "11c44c99de688b9f",
+    ("defense.name=fedavg",): "f6ac5e9cb35ad2d2",
+    ("defense.name=dnc",): "205e49de70a34d8c",
+    ("defense.name=crfl",): "cc3c631f8e839f94",
+    ("defense.name=multi_krum",): "d6fb1f83fcf11935",
+    ("defense.name=foolsgold", "data.dataset=cifar10"): "a693d240a71132bb",
+    ("defense.name=sageflow", "data.dataset=fmnist", "attack.malicious_ratio=0.2"): "e44e23515ecb67e0",
+    ("defense.name=bulyan",): "4df0371a955a15af",
+    ("defense.name=trimmed_median",): "d5af1bf345cca6ac",
+}
+
+
+@pytest.mark.parametrize("overrides", list(HASHES_BEFORE_VARIANTS))
+def test_new_options_at_their_defaults_keep_older_runs_hashes(overrides: tuple[str, ...]) -> None:
+    assert config_hash(load_config(None, list(overrides))) == HASHES_BEFORE_VARIANTS[overrides]
+
+
+@pytest.mark.parametrize("override", ["fdcr.variant=released", "attack.poisoning=bernoulli",
+                                      "attack.augmentation=frozen", "data.normalization=released",
+                                      "fisher.estimator=released"])
+def test_a_released_option_changes_the_hash(override: str) -> None:
+    assert config_hash(load_config(None, [override])) != HASHES_BEFORE_VARIANTS[()]
+
+
+@pytest.mark.parametrize("name", ["multi_krum", "trimmed_median", "bulyan", "foolsgold", "sageflow", "crfl", "dnc"])
+def test_every_marsfl_baseline_has_a_variant_option(name: str) -> None:
+    base = config_hash(load_config(None, [f"defense.name={name}"]))
+    assert config_hash(load_config(None, [f"defense.name={name}", f"{name}.variant=marsfl"])) != base
+    with pytest.raises(UserError, match="variant"):
+        load_config(None, [f"defense.name={name}", f"{name}.variant=paper"])
+
+
+def test_dnc_filter_fraction_can_follow_the_attack_ratio() -> None:
+    config = load_config(None, ["attack.malicious_ratio=0.2", "dnc.filter_fraction=${attack.malicious_ratio}"])
+    assert config.dnc.filter_fraction == 0.2

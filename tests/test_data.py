@@ -325,7 +325,7 @@ def _labels(n: int = 5000, classes: int = 10, seed: int = 0) -> np.ndarray:
 
 
 def _reference_partition(labels: np.ndarray, k: int, beta: float, seed: int) -> list[np.ndarray]:
-    """The released code's loop, written from ALGORITHM.md section 3 with a numpy Generator."""
+    """The released code's loop, written from docs/SPEC.md section 3 with a numpy Generator."""
     rng = np.random.default_rng(seed)
     n = len(labels)
     while True:

@@ -208,3 +208,14 @@ def test_gpu_evaluation_counts_match_the_cpu() -> None:
     cpu = evaluation.count_hits(build_model("simple_cnn", 1), sets, work).numpy()
     gpu = evaluation.count_hits(build_model("simple_cnn", 1, device="cuda"), sets.to("cuda"), work).cpu().numpy()
     assert np.abs(cpu - gpu).max() <= 2  # a prediction may flip on a near tie, no more
+
+
+def test_the_released_fisher_stays_on_the_device(spec_name: str) -> None:
+    from fdcr_mpi.fisher_released import released_fisher
+
+    model = build_model("simple_cnn", 0, device=META)
+    data = clients_for(spec_name, META)[0]
+    with DeviceMixing():
+        idx = fisher_samples(data, None, torch.Generator().manual_seed(0))
+        fisher = released_fisher(model, data, SPECS[spec_name], idx, 8, torch.Generator().manual_seed(1))
+    assert fisher.device == META

@@ -63,7 +63,9 @@ def test_counts_summed_over_shares_give_the_direct_scores() -> None:
     assert scores["A"] == metrics.accuracy(model, sets.test_x, sets.test_y, 64)
     assert scores["asr"] == metrics.accuracy(model, backdoor_x, target(backdoor_x), 64)
     assert scores["asr_incl_target"] == metrics.accuracy(model, sets.backdoor_incl_x, target(sets.backdoor_incl_x), 64)
-    assert scores["R"] == 100 - scores["asr"]
+    assert scores["R"] == 100 - scores["asr"] and scores["V"] == (scores["A"] + scores["R"]) / 2
+    assert scores["R_paper"] == 100 - scores["asr_incl_target"]  # the paper's R: every triggered image
+    assert scores["V_paper"] == (scores["A"] + scores["R_paper"]) / 2
     assert backdoor_x.shape[0] == int((sets.test_y != sets.target).sum()) < 230
     # the model predicts something: the counts are not trivially zero or full
     assert 0 < whole[2] < 230 or 0 < whole[0] < 230

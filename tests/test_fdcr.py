@@ -1,4 +1,4 @@
-"""FDCR server step (ALGORITHM.md section 2) against an independent hand computation, and
+"""FDCR server step (docs/SPEC.md section 2) against an independent hand computation, and
 the clustering of Eq. 10.
 
 The reference ``hand_fdcr`` below is plain float64 numpy loops written from the
@@ -274,6 +274,23 @@ def test_fdcr_single_cluster_removes_nobody():
     res = aggregate("fdcr", w_t, w[[0, 3]], fisher[[0, 3]], sizes[[0, 3]], lr=LR)
     assert not res.removed.any() and res.diagnostics["num_clusters"] == 1
     np.testing.assert_allclose(res.alpha_hat, sizes[[0, 3]] / sizes[[0, 3]].sum())
+
+
+def test_fdcr_released_variant_is_the_released_server_step():
+    """variant=released: Eq. 9b is l2 (whatever ``discrepancy`` says); with a single cluster
+    nobody is removed and FPRA is skipped, so the round is FedAvg of the client models."""
+    w_t, w, fisher, sizes, _ = make_round()
+    res = aggregate("fdcr", w_t, w, fisher, sizes, lr=LR, variant="released", discrepancy="mse")
+    check_against_hand(res, hand_fdcr(w_t, w, fisher, sizes, LR, discrepancy="l2"), REMOVED)
+    two = [0, 3]  # FINCH links two points into one cluster
+    released = aggregate("fdcr", w_t, w[two], fisher[two], sizes[two], lr=LR, variant="released")
+    paper = aggregate("fdcr", w_t, w[two], fisher[two], sizes[two], lr=LR)
+    hand_plain = hand_fdcr(w_t, w[two], fisher[two], sizes[two], LR, discrepancy="l2", fpra=False)
+    hand_rescaled = hand_fdcr(w_t, w[two], fisher[two], sizes[two], LR)
+    assert not released.removed.any() and released.diagnostics["num_clusters"] == 1
+    np.testing.assert_allclose(released.weights, hand_plain[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(paper.weights, hand_rescaled[0], rtol=0, atol=1e-6)
+    assert np.abs(released.weights - paper.weights).max() > 1e-4  # the paper's variant rescales
 
 
 @pytest.mark.parametrize("method", ["kmeans", "dbscan"])

@@ -20,7 +20,7 @@ MPIEXEC = BIN / "mpiexec"
 FDCR = BIN / "fdcr-mpi"
 # A tiny run: the built-in digits data, 3 rounds, 1 local epoch, default threads.
 TINY = ["data.dataset=digits", "rounds=3", "train.local_epochs=1", "fisher.max_samples=32"]
-EVAL_COLUMNS = ("A", "asr", "asr_incl_target", "R", "V")
+EVAL_COLUMNS = ("A", "asr", "asr_incl_target", "R", "V", "R_paper", "V_paper")
 
 requires_mpi = pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable} "
                                   "(install the extra: pip install 'fdcr_mpi[mpi]')")

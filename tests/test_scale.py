@@ -74,7 +74,8 @@ def test_fixed_point_exponent_never_overflows() -> None:
     assert fixed_point_exponent(0.0, 5) == 0
 
 
-@pytest.mark.parametrize("options", [{}, {"fpra": False}, {"use_importance": False}, {"discrepancy": "l2"}])
+@pytest.mark.parametrize("options", [{}, {"fpra": False}, {"use_importance": False}, {"discrepancy": "l2"},
+                                     {"variant": "released"}])
 def test_fdcr_reduce_path_matches_the_gather_path(options: dict) -> None:
     w_t, w, fisher, sizes, _ = make_round(3, dim=40, buffers=0)
     trainable = np.array([True] * 36 + [False] * 4)
@@ -87,6 +88,21 @@ def test_fdcr_reduce_path_matches_the_gather_path(options: dict) -> None:
     np.testing.assert_allclose(reduced.alpha_hat, gathered.alpha_hat, rtol=1e-12)
     np.testing.assert_allclose(reduced.diagnostics["discrepancy"], gathered.diagnostics["discrepancy"], rtol=1e-4)
     torch.testing.assert_close(reduced.weights, gathered.weights, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["paper", "released"])
+def test_fdcr_reduce_path_with_a_single_cluster_matches_the_gather_path(variant: str) -> None:
+    """The released variant skips FPRA when the clustering finds one cluster: every rank learns it."""
+    w_t, w, fisher, sizes, _ = make_round(3, dim=40)
+    two = [0, 3]
+    gathered = create("fdcr", variant=variant).aggregate(RoundInputs(
+        global_weights=torch.from_numpy(w_t), client_weights=torch.from_numpy(w[two]),
+        fisher=torch.from_numpy(fisher[two]), sizes=torch.from_numpy(sizes[two]), lr=0.01))
+    reduced = create("fdcr", variant=variant).aggregate_reduced(local_reduction(w_t, w[two], fisher[two], sizes[two]))
+    assert gathered.diagnostics["num_clusters"] == 1 and not reduced.removed.any()
+    torch.testing.assert_close(reduced.weights, gathered.weights, rtol=1e-6, atol=1e-7)
+    fedavg = torch.from_numpy((sizes[two] / sizes[two].sum()) @ w[two].astype(np.float64)).float()
+    assert torch.allclose(reduced.weights, fedavg, atol=1e-6) == (variant == "released")
 
 
 def test_fedavg_reduce_path_matches_the_gather_path() -> None:

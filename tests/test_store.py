@@ -265,6 +265,25 @@ def test_status_attrs_and_summary(tmp_path: Path) -> None:
     assert s["final_sha256"] == "ab" * 32
     text = format_summary(s)
     assert "complete" in text and "A 55" in text and "TPR 0.75" in text and "ab" * 32 in text
+    assert s["final_R_paper"] is None and "R_paper n/a" in text  # no asr_incl_target column
+
+
+def test_summary_shows_the_papers_r_stored_or_derived(tmp_path: Path) -> None:
+    """R_paper and V_paper in inspect: the stored columns, or 100 - asr_incl_target in older files."""
+    stored, derived = tmp_path / "stored.h5", tmp_path / "derived.h5"
+    with make_run(stored) as run:
+        for t in range(6):
+            run.append_round(row(t, R_paper=1.0 * t, V_paper=2.0 * t))
+    with make_run(derived) as run:
+        for t in range(6):
+            run.append_round(row(t, asr_incl_target=90.0 - t))
+    s = read_summary(stored)
+    assert s["final_R_paper"] == pytest.approx(3.0) and s["final_V_paper"] == pytest.approx(6.0)
+    s = read_summary(derived)
+    assert s["final_R_paper"] == pytest.approx(np.mean([11, 12, 13, 14, 15]))
+    assert s["final_V_paper"] == pytest.approx(np.mean([(50 + t + 10 + t) / 2 for t in range(1, 6)]))
+    text = format_summary(s)
+    assert "R_paper 13" in text and "every triggered image" in text and "other classes" in text
 
 
 def test_summary_of_a_run_without_rounds(tmp_path: Path) -> None:

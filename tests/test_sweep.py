@@ -148,7 +148,9 @@ def test_array_ranges() -> None:
 
 def fake_run(out: Path, overrides: list[str], *, a: list[float], r: list[float], status: str = "complete",
              per_client: bool = False, seed_malicious: int = 3) -> Path:
-    """A run file written through the store, with chosen A and R per round (V = (A + R) / 2)."""
+    """A run file written through the store, with chosen A and R per round (V = (A + R) / 2) and the
+    ASR over every triggered image 10 points above the ASR of the other classes (the columns a run
+    file held before R_paper was stored: the report derives R_paper = R - 10 from them)."""
     config = load_config(None, overrides)
     k = config.data.num_clients
     malicious = np.zeros(k, bool)
@@ -158,7 +160,7 @@ def fake_run(out: Path, overrides: list[str], *, a: list[float], r: list[float],
                          partition=[np.arange(10 * i, 10 * i + 10) for i in range(k)], num_params=1)
     rng = np.random.default_rng(len(a))
     for t, (ai, ri) in enumerate(zip(a, r)):
-        row = {"round": t, "A": ai, "R": ri, "V": (ai + ri) / 2, "asr": 100 - ri,
+        row = {"round": t, "A": ai, "R": ri, "V": (ai + ri) / 2, "asr": 100 - ri, "asr_incl_target": 110 - ri,
                "removed": malicious & (t % 2 == 0), "alpha_hat": np.where(malicious, 0.0, 1 / (~malicious).sum())}
         if per_client:
             row["discrepancy"] = rng.uniform(1e-5, 1e-4, k) * np.where(malicious, 3, 1)
@@ -196,13 +198,15 @@ def fake_sweep(tmp_path: Path) -> tuple[Path, dict]:
 
 
 def by_hand(series: dict, method: str, beta: float) -> dict[str, tuple[float, float]]:
-    """Mean and sample std over seeds of the mean of the last 5 rounds."""
-    finals = {"A": [], "R": [], "V": []}
+    """Mean and sample std over seeds of the mean of the last 5 rounds (R_paper = R - 10: fake_run)."""
+    finals = {"A": [], "R": [], "V": [], "R_paper": [], "V_paper": []}
     for seed in (0, 1, 2):
         a, r = (np.array(x) for x in series[f"{method}_b{beta}_s{seed}"])
         finals["A"].append(a[-5:].mean())
         finals["R"].append(r[-5:].mean())
         finals["V"].append(((a + r) / 2)[-5:].mean())
+        finals["R_paper"].append((r - 10)[-5:].mean())
+        finals["V_paper"].append(((a + r - 10) / 2)[-5:].mean())
     return {m: (float(np.mean(v)), float(np.std(v, ddof=1))) for m, v in finals.items()}
 
 
@@ -230,17 +234,32 @@ def test_report_writes_markdown_csv_and_latex_with_the_paper_beside_ours(fake_sw
     md = paths[0].read_text()
     mean, std = by_hand(series, "fdcr", 0.5)["A"]
     assert f"{mean:.2f} ± {std:.2f}" in md
-    assert "| *Vanilla (paper)* | *87.15* | *0.26* | *43.70* |" in md
-    assert "## attacker ratio 0.3" in md and "Fashion-MNIST, β=0.5 A" in md
+    # the paper's figures sit under A, R_paper and V_paper (its metric), not under our R and V
+    assert "| *Vanilla (paper)* | *87.15* | *0.26* | *43.70* |  |  |" in md
+    assert "Fashion-MNIST, β=0.5 A | Fashion-MNIST, β=0.5 R_paper | Fashion-MNIST, β=0.5 V_paper | " in md
+    assert "## attacker ratio 0.3" in md and "**R_paper** = 100 − ASR over every triggered test image" in md
     assert md.index("β=0.5") < md.index("β=0.3")  # the paper's column order
     assert md.index("| Vanilla |") < md.index("| FDCR |")  # and row order
     assert "Not counted: 1 unfinished runs" in md and "preempted" in md
     tex = paths[2].read_text()
     assert "\\begin{tabular}" in tex and "\\textit{86.81}" in tex and f"{mean:.2f} $\\pm$ {std:.2f}" in tex
-    assert tex.count("\\begin{table}") == 1 and "\\multicolumn{3}{c}{Fashion-MNIST, $\\beta$=0.5}" in tex
+    assert tex.count("\\begin{table}") == 1 and "\\multicolumn{5}{c}{Fashion-MNIST, $\\beta$=0.5}" in tex
+    assert "\\textit{85.59} & \\textit{89.62} & \\textit{87.60} &  &  \\\\" in tex
     partial = build_report([root], reference=tmp_path / "table4.csv", partial=True)
     assert len(partial.counted) == 13 and "Not counted" not in markdown(partial)
     assert "\\textit" not in latex(build_report([root / "fedavg_b0.3_s0"], reference=tmp_path / "table4.csv"))
+
+
+def test_report_finds_the_papers_table_shipped_with_the_package(fake_sweep, monkeypatch) -> None:
+    """In any clone: no ../shared, no --reference; the paper's Table 4 comes from the package."""
+    monkeypatch.delenv("FDCR_REFERENCE", raising=False)
+    monkeypatch.chdir("/")
+    root, _ = fake_sweep
+    report = build_report([root])
+    rows = {(r["method"], r["data.beta"]): r for r in csv.DictReader(io.StringIO(csv_text(report)))}
+    assert (rows[("fdcr", "0.5")]["paper_A"], rows[("fdcr", "0.5")]["paper_R"]) == ("86.9200", "88.3200")
+    assert rows[("fedavg", "0.3")]["paper_V"] == "44.6200"
+    assert "shipped with fdcr_mpi" in markdown(report) and "No reference" not in markdown(report)
 
 
 def test_report_of_a_folder_without_runs_is_a_user_error(tmp_path: Path) -> None:

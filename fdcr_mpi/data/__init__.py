@@ -1,4 +1,4 @@
-"""Datasets, client partitions and backdoor poisoning (ALGORITHM.md section 3)."""
+"""Datasets, client partitions and backdoor poisoning (docs/SPEC.md section 3)."""
 
 from fdcr_mpi.data.datasets import (
     SPECS,

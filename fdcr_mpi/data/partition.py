@@ -23,7 +23,7 @@ def dirichlet_partition(
     min_size: int = 10,
     max_tries: int = 1000,
 ) -> list[np.ndarray]:
-    """Sorted int64 index arrays into ``labels``, one per client (ALGORITHM.md section 3).
+    """Sorted int64 index arrays into ``labels``, one per client (docs/SPEC.md section 3).
 
     Per class: p ~ Dir(beta * 1_K), p_j = 0 for clients already holding >= N / K samples,
     renormalise, split the shuffled class indices at the cumulative proportions. The whole

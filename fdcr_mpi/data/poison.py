@@ -1,7 +1,7 @@
 """BadNets triggers (paper pattern, solid block, DBA parts), poisoned subsets, backdoor test set.
 
 Triggers act on model input: (B, 3, 32, 32) floats after normalisation and augmentation,
-whose masked pixels are set to ``value`` (ALGORITHM.md section 3).
+whose masked pixels are set to ``value`` (docs/SPEC.md section 3).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""Shared helpers of the baseline defenses (ALGORITHM.md section 7).
+"""Shared helpers of the baseline defenses (docs/SPEC.md section 7).
 
 - the trainable part of the updates, and the final assembly of a ``RoundResult``
   (robust rules act on trainable entries; buffers are averaged with alpha_hat);
 - pairwise statistics of client updates, accumulated in float64 over column chunks so
   that a ResNet-18 update matrix never needs a float64 copy;
 - Krum scores and the coordinate-wise trimmed mean around the median;
-- training and evaluation on the server's proxy set (FLTrust, Sageflow, Finetuning).
+- training and evaluation on the server's proxy set (FLTrust, Sageflow, Finetuning);
+- what the ``marsfl`` variants share: MarsFL's attacker counts and its server momentum.
 
 Every function is deterministic: fixed reduction order, stable sorts, seeded generators.
 """
@@ -13,16 +14,17 @@ Every function is deterministic: fixed reduction order, stable sorts, seeded gen
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fdcr_mpi.defenses.base import ProxyData, RoundInputs, RoundResult
+from fdcr_mpi.defenses.base import Defense, ProxyData, RoundInputs, RoundResult
 from fdcr_mpi.defenses.fedavg import ordered_weighted_sum
+from fdcr_mpi.errors import UserError
 from fdcr_mpi.models import FlatModel, FlatSGD
-from fdcr_mpi.seeding import PROXY, torch_generator
+from fdcr_mpi.seeding import PROXY, SERVER_MODEL, derive_seed, torch_generator
 
 CHUNK = 1 << 18  # columns per chunk: a (K, CHUNK) float64 block is 2 MiB per client
 
@@ -139,7 +141,8 @@ def cosine_matrix(rows: torch.Tensor) -> np.ndarray:
 
 
 def krum_scores(sq_dist: np.ndarray, neighbours: int) -> np.ndarray:
-    """Krum score: the sum of the ``neighbours`` smallest squared distances to the other points."""
+    """Krum score: the sum of the ``neighbours`` smallest squared distances to the other points
+    (MarsFL's variant passes plain Euclidean distances and n - 1 neighbours: all the others)."""
     n = sq_dist.shape[0]
     nb = int(min(max(neighbours, 1), n - 1))
     scores = np.zeros(n, dtype=np.float64)
@@ -235,3 +238,117 @@ def evaluate_on_proxy(model: FlatModel, proxy: ProxyData) -> tuple[float, float]
         loss += float(F.nll_loss(logp, yb, reduction="sum"))
         entropy += float(-(logp.exp() * logp).sum())
     return loss / n, entropy / n
+
+
+# ---------------------------------------------------------------- MarsFL, the authors' benchmark
+
+Variant = Literal["original", "marsfl"]
+"""The ``variant`` option of the baselines the paper's Table 4 took from MarsFL: ``original``
+(the published algorithm, our default) or ``marsfl`` (what the authors' benchmark code runs;
+every difference is listed in docs/METHOD.md with its source file)."""
+
+MARSFL_MOMENTUM = 0.9  # the server momentum of MarsFL's Krum, Multi-Krum, Trimmed Median and Bulyan
+
+
+def marsfl_corrupted(n: int) -> int:
+    """The attacker count MarsFL passes to Krum and Bulyan: f - k with f = n // 2 and
+    k = n - f - 1, which is 1 for an even n and 0 for an odd one (Sever/MultiKrumSever.py)."""
+    f = n // 2
+    return f - (n - f - 1)
+
+
+def marsfl_kept(n: int, corrupted: int) -> int:
+    """Values MarsFL's coordinate-wise trimmed mean keeps: n - corrupted - 1, at least 1
+    (Sever/utils/utils.py, ``trimmed_mean``)."""
+    return max(n - corrupted - 1, 1)
+
+
+def unit_rows(rows: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """u_k / (||u_k|| + eps), float32 (a zero row stays zero)."""
+    norms = distances_to(rows, torch.zeros(rows.shape[1], device=rows.device)) + eps
+    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return rows * torch.as_tensor(scale, dtype=torch.float32, device=rows.device).unsqueeze(1)
+
+
+class ServerMomentum:
+    """MarsFL's server optimiser in Krum, Multi-Krum, Trimmed Median and Bulyan.
+
+    The server keeps its own weights w^s, which start from a separately drawn model (not the
+    clients' w_0), and a velocity v; with s the rule's aggregate of the updates w_k - w_t:
+
+        v <- 0.9 v + s;   w^s <- w^s + v;   w_{t+1} = w^s   (trainable entries)
+
+    MarsFL writes this with g_k = (w_t - w_k) / eta as v <- 0.9 v - eta rule(g): the same step,
+    as each rule commutes with the scaling by -eta. The starting model is
+    ``inputs.fresh_model(derive_seed(seed, SERVER_MODEL))``. The state is checkpointed, so a
+    resumed run continues exactly.
+    """
+
+    KEYS = ("server_weights", "server_velocity")
+
+    def __init__(self, momentum: float = MARSFL_MOMENTUM) -> None:
+        self.momentum = momentum
+        self.weights: torch.Tensor | None = None
+        self.velocity: torch.Tensor | None = None
+
+    def start(self, inputs: RoundInputs, name: str) -> torch.Tensor:
+        """The trainable entries of the separately drawn starting model, on the updates' device."""
+        if inputs.fresh_model is None:
+            raise UserError(f"defense {name!r} with variant marsfl starts its server momentum from a separately "
+                            "drawn model, but the caller passed none (RoundInputs.fresh_model, or "
+                            "aggregate(..., fresh_model=...))")
+        drawn = inputs.fresh_model(derive_seed(inputs.seed, SERVER_MODEL))
+        return drawn.to(inputs.global_weights.device, torch.float32)[trainable_mask(inputs)]
+
+    def apply(self, inputs: RoundInputs, step: torch.Tensor, name: str) -> torch.Tensor:
+        """The new trainable parameters w^s after one momentum step with ``step``."""
+        step = step.to(torch.float32)
+        if self.weights is None or self.velocity is None:
+            self.weights = self.start(inputs, name)
+            self.velocity = torch.zeros_like(self.weights)
+        if self.weights.shape != step.shape:
+            raise UserError(f"defense {name!r}: the server momentum holds {self.weights.numel()} parameters, "
+                            f"this round's updates {step.numel()}: the model changed")
+        self.velocity = self.momentum * self.velocity.to(step.device) + step
+        self.weights = self.weights.to(step.device) + self.velocity
+        return self.weights.clone()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        if self.weights is None or self.velocity is None:
+            return {}
+        return {"server_weights": self.weights.detach().cpu().numpy().copy(),
+                "server_velocity": self.velocity.detach().cpu().numpy().copy()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray], name: str) -> None:
+        unknown = set(state) - set(self.KEYS)
+        if unknown or (state and set(state) != set(self.KEYS)):
+            raise UserError(f"the checkpoint holds state {sorted(state)} that defense {name!r} does not keep")
+        self.weights = torch.from_numpy(np.asarray(state["server_weights"], np.float32).copy()) if state else None
+        self.velocity = torch.from_numpy(np.asarray(state["server_velocity"], np.float32).copy()) if state else None
+
+
+class MomentumBaseline(Defense):
+    """A baseline whose ``marsfl`` variant applies MarsFL's server momentum (``ServerMomentum``),
+    the defense's only state."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.server = ServerMomentum()
+
+    @property
+    def marsfl(self) -> bool:
+        return getattr(self.options, "variant", "original") == "marsfl"
+
+    def finish_step(self, inputs: RoundInputs, step: torch.Tensor, alpha_hat: np.ndarray, removed: np.ndarray,
+                    diagnostics: dict[str, Any]) -> RoundResult:
+        """w_{t+1}: w_t + step (original), or the server momentum's weights (marsfl)."""
+        if not self.marsfl:
+            return finish(inputs, step, alpha_hat, removed, diagnostics)
+        params = self.server.apply(inputs, step, self.name)
+        return finish(inputs, None, alpha_hat, removed, diagnostics, params=params)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.server.state_dict()
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.server.load_state_dict(state, self.name)

@@ -9,6 +9,7 @@ No MPI, no config file: arrays in, the new global model and the per-client decis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,9 @@ def aggregate(
     round: int = 0,
     total_rounds: int | None = None,
     proxy: ProxyData | None = None,
+    seed: int = 0,
+    fresh_model: Callable[[int], torch.Tensor] | None = None,
+    client_ids: ArrayLike | None = None,
     **options: Any,
 ) -> AggregateResult:
     """Run one aggregation step of the defense ``name`` with ``options`` (its ``Options`` fields).
@@ -63,7 +67,10 @@ def aggregate(
     defenses that need it. sizes: N_k, (K,); None means equal weights. trainable: (D,) bool,
     None means every entry is a trainable parameter. lr: the clients' learning rate eta.
     numpy arrays or torch tensors; the computation runs in float32 on the device of
-    ``global_weights``. total_rounds defaults to round + 1.
+    ``global_weights``. total_rounds defaults to round + 1. seed: the run's seed, which the
+    defense's random draws derive from; fresh_model: seed -> a newly initialised model's (D,)
+    weights (the MarsFL variants with server momentum start from one); client_ids: the client of
+    each row (None: 0..K-1), which per-client state (FoolsGold's history) is kept by.
     ``name`` may also be a ``Defense`` instance (to keep a stateful defense across rounds;
     ``options`` must then be empty). Bad shapes, names or options raise ``UserError``.
     """
@@ -111,6 +118,12 @@ def aggregate(
     if not (np.isfinite(lr) and lr > 0):
         raise UserError(f"lr must be a positive number, got {lr}")
 
+    ids = None
+    if client_ids is not None:
+        ids = np.asarray(client_ids.cpu() if isinstance(client_ids, torch.Tensor) else client_ids)
+        if ids.shape != (num_clients,) or ids.dtype.kind not in "iu" or np.unique(ids).size != num_clients:
+            raise UserError(f"client_ids must be {num_clients} distinct integers, one per row, got {ids.tolist()}")
+
     inputs = RoundInputs(
         global_weights=w_t,
         client_weights=w,
@@ -121,6 +134,9 @@ def aggregate(
         round=int(round),
         total_rounds=int(round) + 1 if total_rounds is None else int(total_rounds),
         proxy=proxy,
+        client_ids=ids,
+        seed=int(seed),
+        fresh_model=fresh_model,
     )
     result = defense.aggregate(inputs)
     weights: ArrayLike = result.weights.detach()

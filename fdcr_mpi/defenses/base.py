@@ -52,7 +52,13 @@ class RoundInputs:
     lr: the clients' local learning rate eta.
     round: t, counted from 0.
     proxy: the server's proxy data, for the defenses that need it.
-    client_ids: the client id of each row (partial participation); None means 0..K-1.
+    client_ids: the client id of each row (partial participation, quarantine); None means 0..K-1.
+    seed: the run's seed (config ``seed``). A defense draws every random number from generators
+        derived from it (``seeding.numpy_rng(seed, seeding.DEFENSE, ...)``), so a seed sweep
+        varies the defense's draws too.
+    fresh_model: seed -> the flat weights (D,) float32 of a newly initialised model of the run's
+        architecture drawn from that seed (MarsFL's servers start from their own model); None
+        when the caller has none.
     """
 
     global_weights: torch.Tensor
@@ -65,6 +71,8 @@ class RoundInputs:
     total_rounds: int = 1
     proxy: ProxyData | None = None
     client_ids: np.ndarray | None = None
+    seed: int = 0
+    fresh_model: Callable[[int], torch.Tensor] | None = None
 
     @property
     def num_clients(self) -> int:
@@ -80,6 +88,13 @@ class RoundInputs:
     def updates(self) -> torch.Tensor:
         """delta_k = w_k - w_t, (K, D)."""
         return self.client_weights - self.global_weights.unsqueeze(0)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The client id of each row, (K,) int64 (0..K-1 when ``client_ids`` is None)."""
+        if self.client_ids is None:
+            return np.arange(self.num_clients, dtype=np.int64)
+        return np.asarray(self.client_ids, dtype=np.int64)
 
 
 @dataclass
@@ -119,7 +134,7 @@ class Defense:
     summary: ClassVar[str] = ""
     needs_fisher: ClassVar[bool] = False
     needs_proxy: ClassVar[bool] = False
-    keeps_client_history: ClassVar[bool] = False  # state indexed by client: needs full participation
+    keeps_client_history: ClassVar[bool] = False  # state indexed by client that needs every client every round
     reducible: ClassVar[bool] = False  # implements ``aggregate_reduced`` (the reduce path)
     Options: ClassVar[type[pydantic.BaseModel]] = NoOptions
 

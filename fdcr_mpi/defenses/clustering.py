@@ -1,4 +1,4 @@
-"""Clustering of the per-client discrepancies V (ALGORITHM.md section 2, step 5; paper Eq. 10).
+"""Clustering of the per-client discrepancies V (docs/SPEC.md section 2, step 5; paper Eq. 10).
 
 ``cluster_labels`` splits the K scalars into groups with FINCH (the method's choice), or with
 the alternatives of the paper's Table 1 (k-means with two clusters, DBSCAN);

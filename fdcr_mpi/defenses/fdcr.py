@@ -1,4 +1,4 @@
-"""FDCR: Fisher Discrepancy Cluster and Rescale (ALGORITHM.md section 2, paper Eqs. 6-12).
+"""FDCR: Fisher Discrepancy Cluster and Rescale (docs/SPEC.md section 2, paper Eqs. 6-12).
 
 Server step, one function per equation:
 
@@ -24,6 +24,15 @@ Ablations (paper Tables 2 and 3):
   fcdc = false: no detection, alpha_hat = alpha (V is still reported; no clustering).
   fpra = false: s_k = 1, what_k = w_k exactly.
 With use_importance and fpra both off the Fisher vectors are not used and may be absent.
+
+variant = released: the server step of the authors' released code (``Server/OurRandomControl.py``
+in the FDCR repository): Eq. 9b is the l2 distance ||gt - gt_k||_2 (``discrepancy`` has no
+effect), and when the clustering finds a single cluster (the released FINCH then returns no
+partition) nobody is removed and FPRA is skipped: w_{t+1} = sum_k alpha_k w_k, plain FedAvg.
+The released code's client side (its Fisher estimator, the attackers' data) is in config
+options of other sections (docs/METHOD.md, "The released code"); its replacement of the
+attackers' Fisher vectors is reproduced by the attackers themselves (attack.fisher: noise),
+never by the server.
 
 Detection (Eqs. 6-9b) uses the whole flat vector, as the specification states (buffer
 entries have F = 0, hence I = 0, and add nothing to V unless use_importance is off). FPRA
@@ -145,10 +154,13 @@ def new_global_model(
 
 
 class FdcrOptions(pydantic.BaseModel):
-    """The ``fdcr.*`` config section (ALGORITHM.md section 2)."""
+    """The ``fdcr.*`` config section (docs/SPEC.md section 2)."""
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
+    variant: Literal["paper", "released"] = "paper"
+    """paper (the specification) or released (the authors' released server step: l2 discrepancy,
+    no FPRA when the clustering finds one cluster)."""
     discrepancy: Literal["mse", "l2"] = "mse"
     """Eq. 9b: mse (paper, default) or l2 (released code)."""
     clustering: Literal["finch", "kmeans", "dbscan"] = "finch"
@@ -188,11 +200,11 @@ class Fdcr(Defense):
         gt_k = weighted_update(g, imp if opt.use_importance else None)  # Eq. 8
         del g
         gt = global_weighted_update(gt_k, alpha)  # Eq. 9a
-        v = discrepancy(gt, gt_k, opt.discrepancy)  # Eq. 9b
+        v = discrepancy(gt, gt_k, self.discrepancy_kind)  # Eq. 9b
         del gt_k, gt
         labels, removed, alpha_hat, num_clusters = self.detect(v, alpha)  # Eqs. 10-11
         trainable = None if inputs.trainable is None else inputs.trainable.to(torch.bool)
-        weights = new_global_model(alpha_hat, w_t, w, imp if opt.fpra else None, trainable)  # Eq. 12
+        weights = new_global_model(alpha_hat, w_t, w, imp if self.rescales(num_clusters) else None, trainable)  # Eq. 12
         return RoundResult(weights=weights, alpha_hat=alpha_hat, removed=removed,
                            diagnostics=self.diagnostics(v, importance_sums(imp, num_clients), labels, num_clusters))
 
@@ -215,12 +227,14 @@ class Fdcr(Defense):
             gt_k[idx] = weighted_update(client_update(w[idx], w_t, ctx.lr), imp_k if opt.use_importance else None)
             imp_sums_local[idx] = importance_sums(imp_k, len(idx))
 
+        fpra = opt.fpra  # the released variant decides on rank 0, after the clustering
+
         def rescaled_rows(idx: np.ndarray) -> torch.Tensor:  # Eq. 12, what_k
-            factor = rescale_factor(imp(idx)) if opt.fpra and fisher is not None else None
+            factor = rescale_factor(imp(idx)) if fpra and fisher is not None else None
             return rescale(w_t, w[idx], factor, trainable)
 
         gt = ctx.weighted_sum(ctx.alpha, gt_k, to_all=True)  # Eq. 9a
-        v = ctx.gather(discrepancy(gt, gt_k, opt.discrepancy))  # Eq. 9b
+        v = ctx.gather(discrepancy(gt, gt_k, self.discrepancy_kind))  # Eq. 9b
         imp_sums = ctx.gather(imp_sums_local)
         del gt_k, gt
         step = np.zeros(w.shape[0])
@@ -229,12 +243,27 @@ class Fdcr(Defense):
         if ctx.is_server:
             labels, removed, alpha_hat, num_clusters = self.detect(v, ctx.alpha_all)  # Eqs. 10-11
         mine = ctx.scatter(alpha_hat if ctx.is_server else None)
+        if opt.variant == "released" and opt.fpra:  # every rank must know whether FPRA runs
+            flags = ctx.scatter(np.full(ctx.participants, float(self.rescales(num_clusters))) if ctx.is_server else None)
+            fpra = bool(flags[0]) if flags.size else False
         bound = float(w_t.abs().max()) + 1.5 * step  # |what_k| <= |w_t| + 2 sigmoid(1) |w_k - w_t|
         weights = ctx.weighted_sum(mine, rescaled_rows, to_all=False, bounds=bound)  # Eq. 12
         if not ctx.is_server:
             return None
         return RoundResult(weights=weights, alpha_hat=alpha_hat, removed=removed,
                            diagnostics=self.diagnostics(v, imp_sums, labels, num_clusters))
+
+    @property
+    def discrepancy_kind(self) -> Literal["mse", "l2"]:
+        """Eq. 9b's form: ``discrepancy`` (paper variant) or l2 (released variant)."""
+        opt: FdcrOptions = self.options  # type: ignore[assignment]
+        return "l2" if opt.variant == "released" else opt.discrepancy
+
+    def rescales(self, num_clusters: int) -> bool:
+        """Whether FPRA (Eq. 12) runs this round: ``fpra``, except that the released code skips it
+        when the clustering found a single cluster (its FINCH returns no partition)."""
+        opt: FdcrOptions = self.options  # type: ignore[assignment]
+        return opt.fpra and not (opt.variant == "released" and opt.fcdc and num_clusters <= 1)
 
     def detect(self, v: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """Eqs. 10-11: cluster labels, the removed mask, alpha_hat and the number of clusters."""

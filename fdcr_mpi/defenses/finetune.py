@@ -1,4 +1,4 @@
-"""Finetuning, ALGORITHM.md section 7: FedAvg, then fine-tune the global model on the proxy set.
+"""Finetuning, docs/SPEC.md section 7: FedAvg, then fine-tune the global model on the proxy set.
 
 Every round, w_bar = sum_k alpha_k w_k (parameters and buffers), then ``epochs`` epochs
 (default 1) of SGD on the server's proxy set with the clients' settings (FlatSGD, batches

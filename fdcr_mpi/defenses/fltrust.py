@@ -1,4 +1,4 @@
-"""FLTrust (Cao, Fang, Liu and Gong, NDSS 2021), ALGORITHM.md section 7.
+"""FLTrust (Cao, Fang, Liu and Gong, NDSS 2021), docs/SPEC.md section 7.
 
 The server trains a copy of w_t on its proxy set (the clients' SGD settings, seeded
 shuffling) to get the root update delta_0: for ``epochs`` epochs, or by default for about as

@@ -1,4 +1,4 @@
-"""Multi-Metrics Adaptive (MMA; Huang et al., ICCV 2023), ALGORITHM.md section 7.
+"""Multi-Metrics Adaptive (MMA; Huang et al., ICCV 2023), docs/SPEC.md section 7.
 
 Our reading, on the trainable entries of the updates delta_k:
 

@@ -1,4 +1,4 @@
-"""Robust Federated Aggregation (Pillutla, Kakade and Harchaoui, IEEE TSP 2022), ALGORITHM.md section 7.
+"""Robust Federated Aggregation (Pillutla, Kakade and Harchaoui, IEEE TSP 2022), docs/SPEC.md section 7.
 
 The update is the alpha-weighted geometric median argmin_z sum_k alpha_k ||z - delta_k||,
 approximated by the smoothed Weiszfeld algorithm from z_0 = sum_k alpha_k delta_k:

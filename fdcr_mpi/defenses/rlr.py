@@ -1,4 +1,4 @@
-"""Robust Learning Rate (Ozdayi, Kantarcioglu and Gel, AAAI 2021), ALGORITHM.md section 7.
+"""Robust Learning Rate (Ozdayi, Kantarcioglu and Gel, AAAI 2021), docs/SPEC.md section 7.
 
 Per coordinate v: server lr_v = +eta_s if |sum_k sign(delta_kv)| >= theta, else -eta_s
 (theta = 4 for 10 clients, eta_s = 1); w_{t+1} = w_t + lr * sum_k alpha_k delta_k

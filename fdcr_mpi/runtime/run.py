@@ -131,8 +131,8 @@ class Recorder:
         eta = (time.perf_counter() - self.started) / self.rounds_timed * left
         removed = np.flatnonzero(row["removed"]).tolist()
         print(f"round {t + 1:>3}/{self.config.rounds}  A {row['A']:6.2f}  R {row['R']:6.2f}  "
-              f"V {row['V']:6.2f}  removed {removed}  {round_seconds:6.1f} s  ETA {format_eta(eta)}",
-              flush=True)
+              f"R_paper {row['R_paper']:6.2f}  V {row['V']:6.2f}  removed {removed}  {round_seconds:6.1f} s  "
+              f"ETA {format_eta(eta)}", flush=True)
 
     def mark_failed(self) -> None:
         """Best effort: status 'failed' (the rows and checkpoints already written stay valid)."""

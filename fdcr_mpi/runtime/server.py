@@ -157,7 +157,8 @@ class Server:
         inputs = RoundInputs(
             global_weights=weights, client_weights=torch.from_numpy(self.recv.weights), fisher=fisher,
             sizes=torch.from_numpy(self.recv.meta[:, SIZE].copy()), trainable=self.trainable, lr=cfg.train.lr,
-            round=t, total_rounds=cfg.rounds, proxy=self.proxy, client_ids=plan.selected)
+            round=t, total_rounds=cfg.rounds, proxy=self.proxy, client_ids=plan.selected, seed=cfg.seed,
+            fresh_model=lambda seed: build_model(cfg.model.name, seed).flat)
         return defend_with_quarantine(self.defense, inputs)
 
     def evaluate(self, weights: torch.Tensor) -> dict[str, float]:

@@ -29,6 +29,7 @@ from fdcr_mpi.client import (
 from fdcr_mpi.config import Config, aggregation_path, parallel_eval
 from fdcr_mpi.defenses.base import Defense, RoundResult
 from fdcr_mpi.experiment import Experiment
+from fdcr_mpi.fisher_released import released_fisher
 from fdcr_mpi.models import FlatModel, build_model
 from fdcr_mpi.participation import RoundPlan
 from fdcr_mpi.quarantine import expand_result
@@ -212,6 +213,8 @@ class ClientRunner:
         idx = fisher_samples(data, cfg.fisher.max_samples, generator)
         if cfg.fisher.estimator == "empirical":
             return empirical_fisher(model, data, self.exp.spec, idx, cfg.fisher.chunk_size, cfg.fisher.backend)
+        if cfg.fisher.estimator == "released":
+            return released_fisher(model, data, self.exp.spec, idx, cfg.train.batch_size, generator)
         return batch_mean_sq_fisher(model, data, self.exp.spec, idx, cfg.train.batch_size)
 
     def evaluate(self, weights: torch.Tensor) -> np.ndarray:
