@@ -2,9 +2,9 @@
 # make gpu-check [GPU_OUT=DIR]: the prepared check for a machine with a CUDA GPU (at most ~8 minutes
 # on one H200). Steps, each bounded by a timeout, each reported even when another fails:
 #   1. the machine: GPU, driver, torch and CUDA versions;
-#   2. the device tests (tests/test_devices.py, test_gpu_variants.py: training, Fisher, batched groups, evaluation,
-#      the defenses and their variants, and
-#      pinned staging on the GPU, deterministic and close to the CPU);
+#   2. the device tests (tests/test_devices.py, test_gpu_variants.py: training, Fisher, batched
+#      groups, evaluation, pinned staging, the defenses and their variants on the GPU,
+#      deterministic and close to the CPU);
 #   3. the quick start on CUDA under mpiexec -n 3, twice, and once in one process: the three final
 #      sha256 must be equal (deterministic kernels; one GPU shared by the two client ranks); and
 #      with batched groups of 5 clients, under mpiexec -n 3 and in one process: equal again;
