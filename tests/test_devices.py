@@ -176,10 +176,20 @@ def test_pinned_rows_receive_asynchronous_copies() -> None:
     assert [float(r[0]) for r in rows] == [0.0, 2.0, 4.0, 6.0] and float(rows[3, -1]) == 6.0
 
 
-@requires_cuda
-def test_gpu_training_fisher_and_groups_are_deterministic_and_match_the_cpu() -> None:
+@pytest.fixture
+def gpu_numerics():
+    """The runtime's GPU settings (deterministic kernels, TF32 off) for one test, then back."""
     cuda = torch.device("cuda", 0)
+    numerics.prepare_process()
     numerics.configure(1, cuda, deterministic=True, tf32=False)
+    yield cuda
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic = False
+
+
+@requires_cuda
+def test_gpu_training_fisher_and_groups_are_deterministic_and_match_the_cpu(gpu_numerics) -> None:
+    cuda = gpu_numerics
     spec = SPECS["cifar10"]
     results = {}
     for device in (torch.device("cpu"), cuda, cuda):
