@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Before any CUDA work in the test process: cuBLAS's fixed workspace, as every fdcr-mpi process
+# sets it (runtime.numerics.prepare_process), so GPU tests may turn deterministic kernels on.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FDCR_SHARED_DATA", REPO.parent / "shared" / "data"))
 
