@@ -202,10 +202,10 @@ def test_gpu_training_fisher_and_groups_are_deterministic_and_match_the_cpu(gpu_
         runs = results.setdefault(device.type, [])
         runs.append([t.detach().cpu() for t in (model.flat, loss, fisher, out, losses)])
     gpu_a, gpu_b = results["cuda"]
-    for a, b in zip(gpu_a, gpu_b):  # deterministic kernels: the same bits twice
-        assert torch.equal(a, b)
+    for a, b in zip(gpu_a, gpu_b):  # deterministic kernels: the same bits twice (a client without a step: nan)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     for cpu, gpu in zip(results["cpu"][0], gpu_a):  # another device: the same numbers to float tolerance
-        torch.testing.assert_close(gpu.double(), cpu.double(), rtol=2e-3, atol=2e-4)
+        torch.testing.assert_close(gpu.double(), cpu.double(), rtol=2e-3, atol=2e-4, equal_nan=True)
 
 
 @requires_cuda
