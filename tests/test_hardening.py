@@ -271,3 +271,50 @@ def test_an_unwritable_output_directory_is_one_sentence(tmp_path: Path) -> None:
     result = launch(["run", *TINY, "--out", str(blocker / "run")], None)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@requires_mpi
+def test_a_rank_killed_on_another_node_is_named_by_its_nodes_watcher(tmp_path: Path) -> None:
+    """Two nodes, simulated by naming them (FDCR_NODE_NAME) in an MPMD launch: ranks 0-1 on
+    node-a, ranks 2-3 on node-b. Rank 3 is SIGKILLed: node-b's watcher records it, rank 0's
+    watcher names it (not a rank of its own node that MPI killed afterwards)."""
+    out = tmp_path / "run"
+    args = ["run", *TINY, "rounds=40", "--out", str(out)]
+    command = [str(MPIEXEC), "-n", "2", "-env", "FDCR_NODE_NAME", "node-a", str(FDCR), *args, ":",
+               "-n", "2", "-env", "FDCR_NODE_NAME", "node-b", str(FDCR), *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with h5py.File(out / "run.h5", "r") as f:
+                    if f["rounds/round"].shape[0] >= 2:
+                        break
+            except (OSError, KeyError):
+                pass
+            time.sleep(0.1)
+        victim = None
+        for p in Path("/proc").iterdir():
+            try:
+                text, cmd = (p / "environ").read_bytes(), (p / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"PMI_RANK=3\0" in text and b"fdcr-mpi" in cmd and str(out).encode() in cmd:
+                victim = int(p.name)
+        assert victim is not None, "rank 3 not found"
+        assert len(sentinels(out)) == 2  # one watcher per node
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert re.search(r"2:\[4-6\] \(node-b:\d+\) 3:\[7-9\] \(node-b:\d+\)", stdout), stdout
+    failure = wait_for_text(out / FAILURE_FILE, 15)
+    assert f"rank 3 (clients 7-9, pid {victim} on host node-b) ended unexpectedly" in failure, failure
+    assert "not watched" not in failure and len(failure.splitlines()) == 1
+    deadline = time.time() + 15
+    while sentinels(out) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not sentinels(out) and not list(out.glob(".sentinel-*"))

@@ -37,7 +37,7 @@ from fdcr_mpi.experiment import Experiment, build_experiment
 from fdcr_mpi.runtime import numerics, placement, sentinel
 from fdcr_mpi.runtime.allocator import tune_malloc
 from fdcr_mpi.runtime.server import Server, StopFlag, weights_sha256
-from fdcr_mpi.runtime.transport import client_blocks, fail_job, make_transport, process_identity
+from fdcr_mpi.runtime.transport import client_blocks, fail_job, make_transport
 from fdcr_mpi.runtime.worker import ClientRunner, InjectedFault, worker_loop
 from fdcr_mpi.store import RunFile
 
@@ -196,7 +196,12 @@ class Launch:
     device: torch.device
     workers: int
     fingerprint: dict[str, str]
-    identities: list[str]
+    identities: list[str]  # 'node:pid' of every rank
+    nodes: list[str]  # every rank's node name
+
+    def leader(self, rank: int) -> int:
+        """The first rank of ``rank``'s node."""
+        return placement.Node.of(rank, self.nodes).ranks[0]
 
 
 def place(config: BaseConfig, transport) -> tuple[Launch | None, str | None]:
@@ -205,7 +210,7 @@ def place(config: BaseConfig, transport) -> tuple[Launch | None, str | None]:
     is_client_rank = transport.size == 1 or transport.rank != 0
     cores = placement.available_cores()
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    seen = transport.allgather((placement.node_name(), process_identity(), affinity))
+    seen = transport.allgather((placement.node_name(), f"{placement.node_name()}:{os.getpid()}", affinity))
     names = [name for name, _, _ in seen]
     node = placement.Node.of(transport.rank, names)
     sharing = sum(1 for r in node.client_ranks if set(seen[r][2]) & set(affinity)) or 1
@@ -218,7 +223,7 @@ def place(config: BaseConfig, transport) -> tuple[Launch | None, str | None]:
         fingerprint = numerics.fingerprint(rt.client_threads, device, deterministic=rt.deterministic, tf32=rt.tf32)
         ids = transport.clients_of(transport.rank, config.data.num_clients, config.train.batch_clients)
         launch = Launch(ids, device, placement.workers(threads, rt.client_threads, device), fingerprint,
-                        [identity for _, identity, _ in seen])
+                        [identity for _, identity, _ in seen], names)
     except UserError as exc:
         error = str(exc)
     error = transport.first_error(error)
@@ -230,7 +235,7 @@ def place(config: BaseConfig, transport) -> tuple[Launch | None, str | None]:
     except ValueError as exc:
         return None, (f"the ranks of this job would compute with different numerics, so the results would depend "
                       f"on which rank hosts which client: {exc}; run on nodes of one kind")
-    return Launch(launch.client_ids, launch.device, launch.workers, run_print, launch.identities), None
+    return Launch(launch.client_ids, launch.device, launch.workers, run_print, launch.identities, names), None
 
 
 def check_fault(config: BaseConfig, ranks: int) -> None:
@@ -292,6 +297,7 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
         if transport.is_server:
             make_run_dir(out)
             lock = RunLock(out).acquire()
+            sentinel.clear_records(out)  # before any node's watcher starts (after this setup)
             recorder = Recorder(out, config, exp, quiet=quiet, fingerprint=launch.fingerprint,
                                 allow_numerics_change=allow_numerics_change, num_params=runner.model.num_params)
             start, weights, state = recorder.open(restart)
@@ -304,6 +310,12 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
             lock.release()
         raise UserError(setup_error)
 
+    blocks = client_blocks(config.data.num_clients, transport.size, config.train.batch_clients)
+    leader = launch.leader(transport.rank)
+    node_watch = sentinel.Watch()
+    if transport.size > 1 and transport.rank == leader != 0:  # the first rank of every other node
+        node_watch = sentinel.watch_node(out, identities, blocks, leader)
+    watching = transport.allgather(node_watch.active)
     if not transport.is_server:
         try:
             worker_loop(transport, runner, defense)
@@ -312,11 +324,12 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
             fail_job(transport, exc)
         finally:
             runner.close()
+        node_watch.done()
         return 0
 
     try:
-        recorder.watch = sentinel.begin_attempt(out, identities, client_blocks(
-            config.data.num_clients, len(identities), config.train.batch_clients), start, config.rounds)
+        remote = [r for r in range(transport.size) if launch.leader(r) != 0 and watching[launch.leader(r)]]
+        recorder.watch = sentinel.begin_attempt(out, identities, blocks, start, config.rounds, remote)
         server = Server(transport, exp, runner, defense, recorder)
         if state:
             defense.load_state_dict(state)

@@ -33,9 +33,14 @@ stderr through ``fail_job``). ``fdcr-mpi inspect``
 shows ``failure.txt``; the next ``run``/``resume`` of the directory prints it once and
 renames it to ``failure.previous.txt``.
 
-Ranks on other hosts cannot be watched from here (their pids mean nothing on this host);
-the line says so when there are any. Under SLURM, ``srun`` itself names the task that died
-("srun: error: <host>: task 2: Killed"). One-process runs start no watcher.
+Several nodes: the first rank of every other node starts a watcher of its own for the ranks of
+its node (``watch_node``, told ``done`` by that rank on an orderly end). The first time one of
+them sees a rank of its node end, it writes ``<out>/.sentinel-<node>.json`` (the time and the
+ranks). Rank 0's watcher, before it reports, waits up to ``NODE_WAIT`` seconds for such records
+and names the rank that ended first on any node, so the run directory must be on a file system
+every node writes (the usual shared one). Ranks on a node whose watcher could not start are
+named as not watched. Under SLURM, ``srun`` also names the task that died ("srun: error:
+<host>: task 2: Killed"). One-process runs start no watcher.
 
 The watcher never outlives rank 0 for long: it exits once it has reported, once rank 0 has
 ended, or once every watched pid has ended; it only sleeps in ``poll`` and never writes to
@@ -57,6 +62,8 @@ from pathlib import Path
 FAILURE_FILE = "failure.txt"
 PREVIOUS_FAILURE_FILE = "failure.previous.txt"
 NOTE_PREFIX = ".failed-rank-"
+NODE_RECORD = ".sentinel-"  # <out>/.sentinel-<node>.json: another node's first rank to end
+NODE_WAIT = 3.0  # seconds rank 0's watcher waits for other nodes' records before it reports
 GRACE_SECONDS = 10.0  # a client ended, rank 0 lives and says nothing: report after this long
 PROC_POLL_MS = 50  # /proc polling period when pidfd_open is unavailable
 
@@ -69,6 +76,11 @@ class Watch:
 
     def __init__(self, proc: subprocess.Popen | None = None, fd: int | None = None) -> None:
         self.proc, self.fd = proc, fd
+
+    @property
+    def active(self) -> bool:
+        """Whether a watcher was started (and not yet told to end)."""
+        return self.fd is not None
 
     def tell(self, line: str) -> None:
         """Best effort and never blocking: a full pipe or a dead watcher only loses the line."""
@@ -98,39 +110,54 @@ class Watch:
 
 
 def begin_attempt(out: Path, identities: list[str], blocks: list[list[int]], rounds_done: int,
-                  rounds: int) -> Watch:
+                  rounds: int, remote: list[int] | None = None) -> Watch:
     """Rank 0, once the run directory is locked: report a previous failure, start the watcher.
 
-    ``identities``: 'host:pid' of every rank; ``blocks``: the client ids of every rank. No
-    watcher for a one-process run.
+    ``identities``: 'node:pid' of every rank; ``blocks``: the client ids of every rank; ``remote``:
+    the ranks that the watchers of other nodes follow. No watcher for a one-process run.
     """
     previous_attempt(out)
-    for note in out.glob(NOTE_PREFIX + "*"):
-        with contextlib.suppress(OSError):
-            note.unlink()
     if len(identities) < 2:
         return Watch()
+    return _start(out, identities, blocks, {"role": "server", "leader": 0, "rounds_done": rounds_done,
+                                             "rounds": rounds, "remote": remote or []})
+
+
+def clear_records(out: Path) -> None:
+    """Rank 0 at the start of an attempt: the notes and node records of earlier attempts go."""
+    for stale in [*out.glob(NOTE_PREFIX + "*"), *out.glob(NODE_RECORD + "*")]:
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def watch_node(out: Path, identities: list[str], blocks: list[list[int]], leader: int) -> Watch:
+    """The first rank of a node other than rank 0's: start a watcher of the node's ranks."""
+    return _start(out, identities, blocks, {"role": "node", "leader": leader})
+
+
+def _start(out: Path, identities: list[str], blocks: list[list[int]], role: dict) -> Watch:
     try:
-        return _start(out, identities, blocks, rounds_done, rounds)
+        return _spawn(out, identities, blocks, role)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        sys.stderr.write(f"fdcr-mpi: warning: no sentinel for this job ({exc})\n")
+        sys.stderr.write(f"fdcr-mpi: warning: no sentinel for this job's node ({exc})\n")
         return Watch()
 
 
-def _start(out: Path, identities: list[str], blocks: list[list[int]], rounds_done: int, rounds: int) -> Watch:
-    host = identities[0].rsplit(":", 1)[0]
+def _spawn(out: Path, identities: list[str], blocks: list[list[int]], role: dict) -> Watch:
+    leader = role["leader"]
+    host = identities[leader].rsplit(":", 1)[0]
     own = _read(f"/proc/{os.getpid()}/cmdline")
     watched, elsewhere = {}, []
     for rank, (identity, ids) in enumerate(zip(identities, blocks)):
         where, pid = identity.rsplit(":", 1)
         label = "server" if rank == 0 else clients_label(ids)
-        # Same host and the same program: a pid from another host or pid namespace is not ours.
-        if where == host and (rank == 0 or _read(f"/proc/{pid}/cmdline") == own):
+        # Same node and the same program: a pid from another node or pid namespace is not ours.
+        if where == host and (rank == leader or _read(f"/proc/{pid}/cmdline") == own):
             watched[rank] = [int(pid), label]
-        else:
+        elif rank not in role.get("remote", []):
             elsewhere.append(rank)
-    spec = {"out": str(out), "host": host, "ranks": watched, "elsewhere": elsewhere,
-            "rounds_done": rounds_done, "rounds": rounds}
+    spec = {"out": str(out), "host": host, "ranks": watched, "elsewhere": elsewhere, "rounds_done": 0,
+            "rounds": 0, **role}
     read_end, write_end = os.pipe()
     package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -197,10 +224,16 @@ class Watcher:
         self.ranks = {int(r): (int(pid), label) for r, (pid, label) in spec["ranks"].items()}
         self.elsewhere: list[int] = spec["elsewhere"]
         self.rounds_done, self.rounds = int(spec["rounds_done"]), int(spec["rounds"])
+        self.node = spec.get("role", "server") == "node"  # a node's watcher only records its first end
+        self.recorded = False
+        self.leader = int(spec.get("leader", 0))  # the rank whose pipe this watcher reads
+        self.record_path = self.out / f"{NODE_RECORD}{_safe(self.host)}.json"
+        self.remote: list[int] = [int(r) for r in spec.get("remote", [])]  # ranks other nodes' watchers follow
+        self.remote_described: dict[int, str] = {}
         self.started = time.time()
         self.events: list[tuple[float, list[int], str | None]] = []  # (time, ranks, error or None)
         self.done = False
-        self.rank0_ended = False
+        self.leader_ended = False
         self.buffer = b""
 
     # -- the loop
@@ -237,11 +270,22 @@ class Watcher:
                 if not _proc_alive(pid):
                     ended.append(rank)
                     del polled[rank]
-            if 0 in ended and self.rank0_ended:
-                ended.remove(0)  # already known from its pipe
-            if ended:  # before a message of the same wakeup (rank 0 failing because of this end)
+            if self.leader in ended and self.leader_ended:
+                ended.remove(self.leader)  # already known from its pipe
+            if ended:  # before a message of the same wakeup (the leader failing because of this end)
                 self.events.insert(self._index_of(now), (now, sorted(ended), None))
-                self.rank0_ended = self.rank0_ended or 0 in ended
+                self.leader_ended = self.leader_ended or self.leader in ended
+            if self.node:
+                if self.done:  # an orderly end: a record written on the way is withdrawn
+                    with contextlib.suppress(OSError):
+                        self.record_path.unlink()
+                    return
+                if self.events and not self.recorded:
+                    self.write_record()
+                    self.recorded = True  # once: rank 0's watcher removes it after its report
+                if self.leader_ended:
+                    return
+                continue
             if self.done:
                 return
             if self._should_report():
@@ -280,24 +324,53 @@ class Watcher:
             elif word == "done":
                 self.done = True
             elif word == "failed":
-                self.events.append((now, [0], rest))
-                self.rank0_ended = True  # it is ending the job now
-        if not chunk:  # rank 0 closed the pipe: after 'done' or 'failed', or because it is ending
-            if not self.done and not self.rank0_ended:
-                self.events.append((now, [0], None))  # its pidfd may turn ready a moment later
-                self.rank0_ended = True
+                self.events.append((now, [self.leader], rest))
+                self.leader_ended = True  # it is ending the job now
+        if not chunk:  # the leader closed the pipe: after 'done' or 'failed', or because it is ending
+            if not self.done and not self.leader_ended:
+                self.events.append((now, [self.leader], None))  # its pidfd may turn ready a moment later
+                self.leader_ended = True
             poller.unregister(0)
 
     def _should_report(self) -> bool:
-        if self.rank0_ended:
+        if self.leader_ended:
             return True
         return bool(self.events) and not self._ending() and time.time() >= self.events[0][0] + GRACE_SECONDS
 
     # -- the report
 
+    def write_record(self) -> None:
+        """A node's watcher: this node's first end, for rank 0's watcher to compare across nodes."""
+        stamp, ranks, _ = self.events[0]
+        record = {"time": stamp, "ranks": ranks, "described": {str(r): self.describe(r) for r in ranks}}
+        with contextlib.suppress(OSError):
+            _write_atomically(self.record_path, json.dumps(record))
+
+    def remote_events(self) -> list[tuple[float, list[int], str | None]]:
+        """Other nodes' first ends, from their watchers' records (their descriptions kept)."""
+        events = []
+        for path in self.out.glob(NODE_RECORD + "*.json"):
+            try:
+                record = json.loads(_read(str(path)) or "{}")
+                ranks = [int(r) for r in record["ranks"]]
+                self.remote_described.update({int(r): str(d) for r, d in record["described"].items()})
+                events.append((float(record["time"]), ranks, None))
+            except (KeyError, TypeError, ValueError):
+                continue
+        return events
+
+    def await_remote(self) -> None:
+        """Give the other nodes' watchers a moment to record what they saw (rank 0's watcher)."""
+        if not self.remote:
+            return
+        deadline = time.time() + NODE_WAIT
+        while time.time() < deadline and not self.remote_events():
+            time.sleep(0.1)
+
     def culprit(self) -> tuple[float, list[int], str | None]:
-        """The earliest event: a batch of ended ranks, rank 0's error or a client's note."""
-        events = list(self.events) or [(time.time(), [0], None)]
+        """The earliest event: a batch of ended ranks (on any node), rank 0's error or a client's note."""
+        events = list(self.events) + self.remote_events()
+        events = events or [(time.time(), [0], None)]
         for note in self.out.glob(NOTE_PREFIX + "*"):
             rank = note.name.removeprefix(NOTE_PREFIX)
             text = _read(str(note))
@@ -311,7 +384,7 @@ class Watcher:
         if rank in self.ranks:
             pid, label = self.ranks[rank]
             return f"{label}, pid {pid} on host {self.host}"
-        return "on another host"
+        return self.remote_described.get(rank, "on another host")
 
     def message(self) -> str:
         _, ranks, error = self.culprit()
@@ -332,14 +405,15 @@ class Watcher:
         if self.elsewhere:
             detail += (f"; ranks {_span(self.elsewhere)} on other hosts were not watched"
                        if len(self.elsewhere) > 1 else f"; rank {self.elsewhere[0]} on another host was not watched")
-        state = "the job was stopped" if self.rank0_ended else "rank 0 is still running"
+        state = "the job was stopped" if self.leader_ended else "rank 0 is still running"
         return f"fdcr-mpi: {who} {what} {when}{detail}; {state}. Resume with: fdcr-mpi resume {self.out}"
 
     def report(self) -> None:
+        self.await_remote()
         line = self.message()
         with contextlib.suppress(OSError):
             _write_atomically(self.out / FAILURE_FILE, line + "\n")
-        for note in self.out.glob(NOTE_PREFIX + "*"):
+        for note in [*self.out.glob(NOTE_PREFIX + "*"), *self.out.glob(NODE_RECORD + "*")]:
             with contextlib.suppress(OSError):
                 note.unlink()
         with contextlib.suppress(OSError):
@@ -358,6 +432,11 @@ def _float(text: str, default: float) -> float:
         return float(text)
     except ValueError:
         return default
+
+
+def _safe(name: str) -> str:
+    """A node name as a file name part."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "node"
 
 
 def _span(ranks: list[int]) -> str:

@@ -17,7 +17,6 @@ collective otherwise, halving the speed of the ranks that are working).
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 import traceback
@@ -67,8 +66,6 @@ class Transport(Protocol):
 
     def first_error(self, message: str | None) -> str | None: ...
 
-    def identities(self) -> list[str]: ...
-
     def allgather(self, value: object) -> list[object]: ...
 
     def share(self, value: object) -> object: ...
@@ -109,9 +106,6 @@ class LocalTransport:
 
     def first_error(self, message: str | None) -> str | None:
         return message
-
-    def identities(self) -> list[str]:
-        return [process_identity()]
 
     def allgather(self, value: object) -> list[object]:
         return [value]
@@ -210,10 +204,6 @@ class MpiTransport:
                 return msg if rank == 0 else f"rank {rank}: {msg}"
         return None
 
-    def identities(self) -> list[str]:
-        """Collective: 'host:pid' of every rank, in rank order (to map an MPI death report to a rank)."""
-        return self.comm.allgather(process_identity())
-
     def allgather(self, value: object) -> list[object]:
         """Collective: every rank's small ``value`` (a string, a dict of strings), in rank order."""
         return self.comm.allgather(value)
@@ -230,10 +220,6 @@ class MpiTransport:
 
     def describe(self) -> str:
         return f"MPI, {self.size} ranks ({self.MPI.Get_library_version().splitlines()[0].strip()})"
-
-
-def process_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _contiguous(buf: np.ndarray | None) -> Any:
