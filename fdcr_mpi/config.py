@@ -33,6 +33,9 @@ class DataConfig(Section):
     dataset: Literal["cifar10", "mnist", "fmnist", "usps", "digits", "synthetic"] = "cifar10"
     root: str | None = None
     download: bool = False
+    mirror: str | None = None
+    """Where data.download fetches from instead of torchvision's servers: a URL (https://,
+    file://) of a folder with the same files (a site's own copy)."""
     num_clients: int = pydantic.Field(10, ge=1)
     beta: float | Literal["iid"] = 0.5
     train_samples: int | None = pydantic.Field(None, ge=10)  # a seeded subset of the training set
@@ -349,6 +352,7 @@ def config_hash(config: BaseConfig) -> str:
             data.pop(name, None)
     data["data"].pop("root", None)
     data["data"].pop("download", None)
+    data["data"].pop("mirror", None)
     for dotted, neutral in HASH_NEUTRAL.items():
         section, key = dotted.split(".")
         if section in data and data[section].get(key, neutral) == neutral:

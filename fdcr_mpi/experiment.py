@@ -134,7 +134,7 @@ def build_experiment(config: BaseConfig, client_ids: list[int], *, eval_share: t
     rows on ``device``). The ``server`` holds the test labels (for the totals) and, when
     ``with_proxy``, the proxy set (on the CPU)."""
     data = config.data
-    train, test, spec = load_raw(data.dataset, data.root, data.download, seed=config.seed)
+    train, test, spec = load_raw(data.dataset, data.root, data.download, seed=config.seed, mirror=data.mirror)
     spec = released.normalized_spec(spec, data.normalization)
     train_idx, val_idx = train_val_split(len(train.y), seeding.numpy_rng(config.seed, seeding.SPLIT),
                                          data.val_fraction)

@@ -99,7 +99,7 @@ def resolve_root(root: str | Path | None) -> Path:
 
 
 def load_raw(
-    name: str, root: str | Path | None, download: bool = False, seed: int = 0
+    name: str, root: str | Path | None, download: bool = False, seed: int = 0, mirror: str | None = None
 ) -> tuple[RawSplit, RawSplit, DatasetSpec]:
     """The (train, test, spec) of dataset ``name``; any problem with the files is a UserError.
 
@@ -113,7 +113,7 @@ def load_raw(
     elif name == "synthetic":
         train, test = _make_synthetic(seed)
     else:
-        train, test = _load_torchvision(name, resolve_root(root), download)
+        train, test = _load_torchvision(name, resolve_root(root), download, mirror)
     for split in (train, test):
         _validate(split, spec, _SOURCES[name].title if name in _SOURCES else name)
     return train, test, spec
@@ -135,15 +135,21 @@ def _not_found(src: _Source, root: Path, missing: list[Path]) -> UserError:
     return UserError(f"{src.title} was not found under {root} ({where}); {_HINT}")
 
 
-def fetch(name: str, root: str | Path | None) -> None:
+def fetch(name: str, root: str | Path | None, mirror: str | None = None) -> None:
     """Fetch dataset ``name`` into ``root`` through torchvision unless its files are there (one
-    rank per file system calls this, before the others read; see ``runtime.run``)."""
+    rank per file system calls this, before the others read; see ``runtime.run``). ``mirror``:
+    a URL (``https://``, ``file://``) of a folder holding the files torchvision downloads, for
+    sites that keep their own copy (a cluster without internet access)."""
     if name not in _SOURCES:
         return
     src, root = _SOURCES[name], resolve_root(root)
     if not _missing(src, root):
         return
     cls = getattr(import_torchvision().datasets, src.cls_name)
+    if mirror and _local_folder(mirror) is not None:
+        _place_archives(cls, _local_folder(mirror), root)  # torchvision then verifies and extracts them
+    elif mirror:
+        cls = _mirrored(cls, mirror.rstrip("/") + "/")
     try:
         for train in (True, False):
             cls(str(root), train=train, download=True)
@@ -154,7 +160,38 @@ def fetch(name: str, root: str | Path | None) -> None:
         ) from exc
 
 
-def _load_torchvision(name: str, root: Path, download: bool) -> tuple[RawSplit, RawSplit]:
+def _local_folder(mirror: str) -> Path | None:
+    """The folder of a ``file://`` URL or a plain path; None for a network URL."""
+    if mirror.startswith("file://"):
+        return Path(mirror.removeprefix("file://"))
+    return None if "://" in mirror else Path(mirror).expanduser()
+
+
+def _place_archives(cls: type, folder: Path, root: Path) -> None:
+    """Copy the archives torchvision would download from a local mirror ``folder`` to where it
+    looks for them (it checks their md5 sums and extracts them as if it had downloaded them)."""
+    import shutil
+
+    if hasattr(cls, "resources"):  # MNIST, Fashion-MNIST: root/<class>/raw/<file>.gz
+        target, names = root / cls.__name__ / "raw", [name for name, _ in cls.resources]
+    else:  # CIFAR-10: root/cifar-10-python.tar.gz
+        target, names = root, [cls.filename]
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (folder / name).is_file() and not (target / name).exists():
+            shutil.copyfile(folder / name, target / name)
+
+
+def _mirrored(cls: type, mirror: str) -> type:
+    """A subclass of a torchvision dataset class that downloads its files from ``mirror``."""
+    if hasattr(cls, "mirrors"):  # MNIST, Fashion-MNIST: one URL per file under each mirror
+        return type(cls.__name__, (cls,), {"mirrors": [mirror]})
+    if hasattr(cls, "url") and hasattr(cls, "filename"):  # CIFAR-10: one archive
+        return type(cls.__name__, (cls,), {"url": mirror + cls.filename})
+    return cls
+
+
+def _load_torchvision(name: str, root: Path, download: bool, mirror: str | None = None) -> tuple[RawSplit, RawSplit]:
     """Both splits of a torchvision dataset, with every failure turned into a UserError.
 
     The files are torchvision's (downloaded by it when asked); the images of MNIST and
@@ -164,7 +201,7 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[RawSplit, 
     """
     src = _SOURCES[name]
     if download:
-        fetch(name, root)
+        fetch(name, root, mirror)
     missing = _missing(src, root)
     if missing:
         raise _not_found(src, root, missing)

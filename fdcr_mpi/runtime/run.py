@@ -238,6 +238,27 @@ def place(config: BaseConfig, transport) -> tuple[Launch | None, str | None]:
     return Launch(launch.client_ids, launch.device, launch.workers, run_print, launch.identities, names), None
 
 
+def fetch_data(config: BaseConfig, transport, launch: Launch) -> str | None:
+    """Collective, with ``data.download``: rank 0 downloads first; then the first rank of every
+    other node checks its own copy (a node-local root) and downloads what is missing; only then
+    do the ranks read. One rank per file system writes, so no two downloads race in a folder."""
+    if not config.data.download:
+        return None
+    from fdcr_mpi.data.datasets import fetch
+
+    data = config.data
+    error: str | None = None
+    for turn in ("server", "nodes"):
+        mine = transport.rank == 0 if turn == "server" else transport.rank == launch.leader(transport.rank) != 0
+        if mine and error is None:
+            try:
+                fetch(data.dataset, data.root, data.mirror)
+            except UserError as exc:
+                error = str(exc)
+        error = transport.first_error(error)
+    return error
+
+
 def check_fault(config: BaseConfig, ranks: int) -> None:
     """``runtime.fault`` must name a rank and client that exist in this launch (else it would do nothing)."""
     fault = config.runtime.fault
@@ -281,6 +302,8 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
         raise UserError(error)
     prepare_process(config)
     launch, error = place(config, transport)
+    if error is None:
+        error = fetch_data(config, transport, launch)
     if error is not None:
         raise UserError(error)
     setup_error: str | None = None
