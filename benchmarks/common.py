@@ -14,7 +14,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MPIEXEC = BIN / "mpiexec"
+MPIEXEC = Path(os.environ.get("MPIEXEC") or BIN / "mpiexec")  # $MPIEXEC: another launcher
 LAUNCHER_VARS = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "HYDRA_", "MPI_")
 
 
