@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 OUT ?= runs/quickstart
 
-.PHONY: install run test bench gpu-check lint clean
+.PHONY: install run test test-fast bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	$(VENV)/bin/fdcr-mpi run configs/quickstart.yaml --out $(OUT) --restart
 
-test: install
+test: install lint
 	$(PY) -m pytest -q
+
+# The inner loop: every test that stays in this process (tests/conftest.py marks the others).
+test-fast: install
+	$(PY) -m pytest -q -m "not process and not slow"
 
 bench: install
 	$(PY) -m benchmarks.run

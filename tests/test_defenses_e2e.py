@@ -1,4 +1,5 @@
-"""Every registered defense runs end to end for 2 rounds under a real mpiexec -n 3."""
+"""Every registered defense runs end to end for 2 rounds under a real mpiexec -n 3, and gives the
+same final model as in one process."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def test_defense_runs_two_rounds_under_mpiexec(tmp_path: Path, defense: str) -> 
     result = launch(["run", *SMALL, f"defense.name={defense}", "--quiet", "--out", str(tmp_path)], 3,
                     timeout=300)
     digest = final_sha(result)
+    alone = launch(["run", *SMALL, f"defense.name={defense}", "--quiet", "--out", str(tmp_path / "one")], None,
+                   timeout=300)
+    assert final_sha(alone) == digest, f"{defense}: one process and mpiexec -n 3 differ"
     with h5py.File(tmp_path / "run.h5") as f:
         assert f.attrs["status"] == "complete" and f.attrs["final_sha256"] == digest
         assert f["rounds/round"][:].tolist() == [0, 1]

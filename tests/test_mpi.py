@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,55 +115,3 @@ def test_only_the_transport_imports_mpi4py() -> None:
     package = Path(__file__).resolve().parents[1] / "fdcr_mpi"
     importers = {p.relative_to(package).as_posix() for p in package.rglob("*.py") if "mpi4py" in p.read_text()}
     assert importers <= {"runtime/transport.py"}, importers
-
-
-@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="no GPU on this machine")
-def test_gpu_placeholder_is_skipped_without_gpu() -> None:  # pragma: no cover - GPU machines only
-    import torch
-
-    assert torch.cuda.is_available()
-
-
-@requires_mpi
-def test_with_download_only_rank_0_fetches_then_every_rank_reads(tmp_path: Path, shared_data: Path) -> None:
-    """data.download under mpiexec -n 3 from a mirror on this machine (an HTTP server on the
-    loopback, serving the real MNIST archives): each archive is fetched once, by rank 0, before
-    the other ranks read (the server sees the requests of one download, as from one process);
-    the run then ends as the run on the files already in place does."""
-    import functools
-    import http.server
-    import threading
-
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=str(shared_data / "MNIST" / "raw")))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        small = ["data.dataset=mnist", "data.train_samples=500", "eval.test_samples=200", "rounds=1",
-                 "train.local_epochs=1", "fisher.max_samples=8", "--quiet"]
-        mirror = f"data.mirror=http://127.0.0.1:{server.server_address[1]}/"
-        alone = launch(["run", *small, "data.download=true", mirror, f"data.root={tmp_path / 'alone'}",
-                        "--out", str(tmp_path / "alone-run")], None)
-        one_download, requests[:] = list(requests), []
-        fetched = launch(["run", *small, "data.download=true", mirror, f"data.root={tmp_path / 'data'}",
-                          "--out", str(tmp_path / "fetched")], 3)
-    finally:
-        server.shutdown()
-    files = {f"/{name}.gz" for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                                        "t10k-labels-idx1-ubyte")}
-    assert set(one_download) == files and sorted(requests) == sorted(one_download)
-    assert final_sha(alone) == final_sha(fetched)
-    reference = launch(["run", *small, f"data.root={shared_data}", "--out", str(tmp_path / "reference")], None)
-    assert final_sha(fetched) == final_sha(reference)
-    local = launch(["run", *small, "data.download=true", f"data.mirror=file://{shared_data / 'MNIST' / 'raw'}",
-                    f"data.root={tmp_path / 'local'}", "--out", str(tmp_path / "local-run")], None)
-    assert final_sha(local) == final_sha(reference)  # a mirror folder on this file system
