@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from fdcr_mpi.batched import train_group
 from fdcr_mpi.client import (
     ClientData,
     TrainSettings,
@@ -28,6 +27,7 @@ from fdcr_mpi.client import (
     fisher_samples,
     train_client,
 )
+from fdcr_mpi.client.batched import train_group
 from fdcr_mpi.data.datasets import SPECS
 from fdcr_mpi.models import build_model
 from fdcr_mpi.runtime import numerics

@@ -1,5 +1,5 @@
 """In-process benchmarks of one client: training throughput against a bare PyTorch loop, the
-batched-client mode (``fdcr_mpi.batched.train_group``, G clients as one vmapped computation)
+batched-client mode (``fdcr_mpi.client.batched.train_group``, G clients as one vmapped computation)
 against the same bare loop, and the empirical Fisher's cost against the client's 10-epoch
 local training.
 
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Figure, load1, median, say, timed
-from fdcr_mpi.batched import CHUNK, train_group
 from fdcr_mpi.client import ClientData, TrainSettings, empirical_fisher, local_train
+from fdcr_mpi.client.batched import CHUNK, train_group
 from fdcr_mpi.data.datasets import SPECS, DatasetSpec, load_raw, model_input, preprocess
 from fdcr_mpi.models import FlatModel, SimpleCNN, build_model
 

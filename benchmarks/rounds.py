@@ -18,7 +18,7 @@ import numpy as np
 
 from benchmarks.common import MPIEXEC, Figure, has_mpiexec, load1, median, run_bounded, say
 from benchmarks.rank_entry import read_peaks
-from fdcr_mpi.runtime.server import PHASES
+from fdcr_mpi.runtime.round import PHASES
 from fdcr_mpi.store import read_rounds
 
 FMNIST_TRAIN = 54_000  # Fashion-MNIST's 60,000 training images less the 10% validation split

@@ -83,7 +83,7 @@ def split_items(items: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fdcr_mpi.config import config_hash, load_config
-    from fdcr_mpi.runtime.run import execute
+    from fdcr_mpi.runtime.driver import execute
 
     path, overrides = split_items(args.items)
     if args.sweep is not None or args.index is not None:
@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from fdcr_mpi.config import from_yaml
-    from fdcr_mpi.runtime.run import RUN_FILE, execute
+    from fdcr_mpi.runtime.driver import RUN_FILE, execute
     from fdcr_mpi.store import read_summary
 
     def stored_config():  # read by rank 0 alone, which shares it with the other ranks
@@ -121,7 +121,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fdcr_mpi.runtime.run import RUN_FILE
+    from fdcr_mpi.runtime.driver import RUN_FILE
     from fdcr_mpi.store import format_summary, read_summary
 
     path = args.dir / RUN_FILE

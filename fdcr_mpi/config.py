@@ -71,7 +71,8 @@ class AttackConfig(Section):
     client's) or ``frozen`` (augmented once when its data is built, as the released code).
     """
 
-    kind: Literal["badnets", "dba", "none"] = "badnets"
+    kind: str = "badnets"
+    """The attack (fdcr_mpi/attacks, ``fdcr-mpi list attacks``): badnets, dba, none, or a plugin's."""
     malicious_ratio: float = pydantic.Field(0.3, ge=0, lt=1)
     malicious_ids: Literal["last", "random"] = "last"
     target_label: int = pydantic.Field(2, ge=0)
@@ -103,7 +104,7 @@ class FisherConfig(Section):
     """estimator: ``empirical`` (Eq. 5: the mean of per-sample squared gradients), ``batch_mean_sq``
     ((mean batch gradient)^2 of the cross-entropy), or ``released`` (the released code's:
     (mean batch gradient)^2 of log_softmax(logits)[:, labels].mean() on shuffled, augmented
-    training batches; ``fdcr_mpi.fisher_released``)."""
+    training batches; ``fdcr_mpi.client.fisher_released``)."""
 
     estimator: Literal["empirical", "batch_mean_sq", "released"] = "empirical"
     max_samples: int | None = pydantic.Field(None, ge=1)
@@ -247,8 +248,12 @@ def validate(data: Any) -> BaseConfig:
 
 def _check_consistency(config: BaseConfig) -> None:
     """Checks that span sections."""
+    from fdcr_mpi import attacks
     from fdcr_mpi.defenses import available
 
+    if config.attack.kind not in attacks.available():
+        raise UserError(f"config key 'attack.kind' has the invalid value {config.attack.kind!r}; "
+                        f"choose one of: {', '.join(attacks.available())}")
     names = available()
     if config.defense.name not in names:
         raise UserError(f"config key 'defense.name' has the invalid value {config.defense.name!r}; "
@@ -257,7 +262,7 @@ def _check_consistency(config: BaseConfig) -> None:
         raise UserError(f"config key 'attack.target_label' is {config.attack.target_label}, "
                         "but the datasets have 10 classes (0-9)")
     _check_participation(config, names[config.defense.name])
-    if config.attack.kind != "none":
+    if attacks.available()[config.attack.kind].has_attackers:
         attackers = int(config.attack.malicious_ratio * config.data.num_clients)
         if config.attack.malicious_ratio > 0 and attackers == 0:
             raise UserError(f"attack.malicious_ratio {config.attack.malicious_ratio} gives no attacker "

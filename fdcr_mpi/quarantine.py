@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult
+from fdcr_mpi.defenses.ops import RowsOnServer
 
 
 def faulty_rows(inputs: RoundInputs) -> np.ndarray:
@@ -25,26 +26,46 @@ def faulty_rows(inputs: RoundInputs) -> np.ndarray:
     return (~ok).numpy()
 
 
-def defend_with_quarantine(defense: Defense, inputs: RoundInputs) -> tuple[RoundResult, np.ndarray]:
-    """Run ``defense`` on the healthy rows of ``inputs``; spread its result back over all K clients."""
-    quarantined = faulty_rows(inputs)
+def defend(defense: Defense, inputs: RoundInputs, healthy: np.ndarray | None = None) -> RoundResult:
+    """``defense`` on the ``healthy`` rows of ``inputs`` (the clients' own check, or computed from
+    the rows when None), its result spread back over every row. A reducible defense runs on
+    ``RowsOnServer``, any other on the rows as ``RoundInputs``; the reduce path filters its rows
+    with the same mask (``runtime.round``) and spreads its result with ``expand_result``."""
+    if healthy is None:
+        healthy = ~faulty_rows(inputs)
+    keep = np.flatnonzero(healthy)
     k = inputs.num_clients
-    if not quarantined.any():
-        return defense.aggregate(inputs), quarantined
-    keep = np.flatnonzero(~quarantined)
     if keep.size == 0:
-        return RoundResult(weights=inputs.global_weights.clone(), alpha_hat=np.zeros(k),
-                           removed=np.zeros(k, dtype=bool), diagnostics={}), quarantined
+        return kept_model(inputs.global_weights, k)
+    if keep.size == k:
+        return run(defense, inputs)
     rows = torch.from_numpy(keep)
 
     def kept(t: torch.Tensor) -> torch.Tensor:
         return t[rows.to(t.device)]
 
-    healthy = dataclasses.replace(  # every other field (round, seed, proxy, ...) as given
+    subset = dataclasses.replace(  # every other field (round, seed, proxy, ...) as given
         inputs, client_weights=kept(inputs.client_weights), sizes=kept(inputs.sizes),
         fisher=None if inputs.fisher is None else kept(inputs.fisher),
         client_ids=inputs.ids[keep])  # the rows keep their client ids: per-client state stays aligned
-    return expand_result(defense.aggregate(healthy), keep, k), quarantined
+    return expand_result(run(defense, subset), keep, k)
+
+
+def run(defense: Defense, inputs: RoundInputs) -> RoundResult:
+    """One round of ``defense`` on rows held by the server."""
+    return defense.aggregate_ops(RowsOnServer(inputs)) if defense.reducible else defense.aggregate(inputs)
+
+
+def kept_model(global_weights: torch.Tensor, num_clients: int) -> RoundResult:
+    """Every participant quarantined: w_t is kept and nobody gets weight."""
+    return RoundResult(weights=global_weights.clone(), alpha_hat=np.zeros(num_clients),
+                       removed=np.zeros(num_clients, dtype=bool), diagnostics={})
+
+
+def defend_with_quarantine(defense: Defense, inputs: RoundInputs) -> tuple[RoundResult, np.ndarray]:
+    """``defend`` with the health computed from the rows; returns (result, the quarantined mask)."""
+    quarantined = faulty_rows(inputs)
+    return defend(defense, inputs, ~quarantined), quarantined
 
 
 def expand_result(result: RoundResult, keep: np.ndarray, num_clients: int) -> RoundResult:

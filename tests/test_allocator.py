@@ -29,7 +29,7 @@ PROBE = r"""
 import ctypes, json, sys
 import torch
 from fdcr_mpi.config import load_config
-from fdcr_mpi.runtime.run import prepare_process
+from fdcr_mpi.runtime.driver import prepare_process
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from fdcr_mpi import attacks
 from fdcr_mpi.config import load_config
+from fdcr_mpi.data.experiment import build_experiment
 from fdcr_mpi.data.poison import trigger_mask
-from fdcr_mpi.experiment import build_experiment
-from fdcr_mpi.runtime.worker import ClientRunner, boost_update
+from fdcr_mpi.runtime.clients import ClientRunner
 
 BASE = ["data.dataset=synthetic", "rounds=1", "train.local_epochs=1",
         "fisher.max_samples=64", "attack.malicious_ratio=0.2", "data.num_clients=5"]
@@ -33,9 +34,9 @@ def test_model_replacement_scales_the_attackers_update_only() -> None:
     np.testing.assert_allclose(boosted_w[1] - w0, 5 * (plain_w[1] - w0), rtol=1e-4, atol=1e-6)
 
 
-def test_boost_update_is_w_t_plus_scaled_step() -> None:
+def test_model_replacement_is_w_t_plus_scaled_step() -> None:
     w_t, w_k = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 0.0])
-    boost_update(w_k, w_t, 3.0)
+    attacks.create(load_config(None, ["attack.scale=3"])).update(w_k, w_t)
     assert torch.equal(w_k, torch.tensor([4.0, -4.0]))
 
 

@@ -1,4 +1,4 @@
-"""Batched-client training (fdcr_mpi.batched) against sequential ``local_train`` per client."""
+"""Batched-client training (fdcr_mpi.client.batched) against sequential ``local_train`` per client."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
-from fdcr_mpi.batched import batched_twin, supports, train_group
 from fdcr_mpi.client import ClientData, TrainSettings, local_train
+from fdcr_mpi.client.batched import batched_twin, supports, train_group
 from fdcr_mpi.data.datasets import SPECS
 from fdcr_mpi.data.poison import trigger_mask
 from fdcr_mpi.models import ResNet18, SimpleCNN, build_model

@@ -95,7 +95,7 @@ def test_empirical_fisher_matches_a_per_sample_loop(poisoned: bool, chunk: int |
 def test_layer_fisher_correlates_a_repeated_channel_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Grayscale inputs (one channel repeated as a view) and the same images as three real
     channels give the same Fisher; only the latter computes three channels' gradients."""
-    from fdcr_mpi import fisher_layers
+    from fdcr_mpi.client import fisher_layers
 
     model = build_model("simple_cnn", 3)
     gray = make_client(23)

@@ -544,7 +544,7 @@ def test_cifar_rows_are_read_from_their_own_batches(tmp_path: Path) -> None:
 
 def test_a_rank_holds_its_clients_rows_and_its_evaluation_share(shared_data: Path) -> None:
     from fdcr_mpi.config import load_config
-    from fdcr_mpi.experiment import build_experiment
+    from fdcr_mpi.data.experiment import build_experiment
 
     config = load_config(None, ["data.dataset=fmnist", f"data.root={shared_data}", "eval.batch_size=1000"])
     exp = build_experiment(config, [3, 4], eval_share=(2, 4))

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from fdcr_mpi import evaluation
-from fdcr_mpi.batched import train_group
 from fdcr_mpi.client import (
     ClientData,
     TrainSettings,
@@ -24,15 +23,16 @@ from fdcr_mpi.client import (
     fisher_samples,
     train_client,
 )
+from fdcr_mpi.client.batched import train_group
 from fdcr_mpi.config import load_config
 from fdcr_mpi.data.datasets import SPECS
+from fdcr_mpi.data.experiment import build_experiment
 from fdcr_mpi.data.poison import trigger_mask
 from fdcr_mpi.evaluation import EvalSets, Span
-from fdcr_mpi.experiment import build_experiment
 from fdcr_mpi.models import build_model
 from fdcr_mpi.runtime import numerics
+from fdcr_mpi.runtime.clients import ClientRunner
 from fdcr_mpi.runtime.staging import Device, host_buffer, is_pinned
-from fdcr_mpi.runtime.worker import ClientRunner
 from tests.device_check import META, DeviceMixing
 
 CUDA = torch.cuda.is_available()
@@ -221,7 +221,7 @@ def test_gpu_evaluation_counts_match_the_cpu() -> None:
 
 
 def test_the_released_fisher_stays_on_the_device(spec_name: str) -> None:
-    from fdcr_mpi.fisher_released import released_fisher
+    from fdcr_mpi.client.fisher_released import released_fisher
 
     model = build_model("simple_cnn", 0, device=META)
     data = clients_for(spec_name, META)[0]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fdcr_mpi.client import ClientData
+from fdcr_mpi.client.fisher_released import released_fisher
 from fdcr_mpi.data.datasets import SPECS
 from fdcr_mpi.defenses import aggregate, create
 from fdcr_mpi.defenses.base import RoundInputs
-from fdcr_mpi.fisher_released import released_fisher
 from fdcr_mpi.models import build_model
 from fdcr_mpi.quarantine import defend_with_quarantine
 

@@ -1,4 +1,4 @@
-"""The released FDCR code's client and data side, as named options (fdcr_mpi.fisher_released,
+"""The released FDCR code's client and data side, as named options (fdcr_mpi.client.fisher_released,
 fdcr_mpi.data.released), against independent computations; and the preset that sets them all."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from fdcr_mpi import seeding
 from fdcr_mpi.client import ClientData, draw_epoch
+from fdcr_mpi.client.fisher_released import batch_label_mix_log_likelihood, released_fisher
 from fdcr_mpi.config import load_config
 from fdcr_mpi.data.datasets import SPECS, Shifts, augment, preprocess
+from fdcr_mpi.data.experiment import build_experiment
 from fdcr_mpi.data.released import augment_once, bernoulli_mask, normalized_spec
-from fdcr_mpi.experiment import build_experiment
-from fdcr_mpi.fisher_released import batch_label_mix_log_likelihood, released_fisher
 from fdcr_mpi.models import build_model
 from tests.test_attacks import BASE, generator_after_training, run_round
 

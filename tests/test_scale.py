@@ -14,7 +14,12 @@ from fdcr_mpi.config import aggregation_path, load_config
 from fdcr_mpi.defenses import RoundInputs, create
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.participation import RoundPlan, select_clients
-from fdcr_mpi.reduction import Reduction, fixed_point_exponent, fixed_terms, from_fixed
+from fdcr_mpi.runtime.reduce_ops import (
+    ReducedAcrossRanks,
+    fixed_point_exponent,
+    fixed_terms,
+    from_fixed,
+)
 from fdcr_mpi.runtime.transport import LocalTransport, client_blocks
 from tests.test_fdcr import make_round
 from tests.test_mpi import FDCR, TINY, final_sha, launch, requires_mpi
@@ -22,9 +27,9 @@ from tests.test_mpi import FDCR, TINY, final_sha, launch, requires_mpi
 # --- the exact reduction ---------------------------------------------------------------
 
 
-def local_reduction(w_t, w, fisher, sizes, trainable=None, lr=0.01) -> Reduction:
+def local_reduction(w_t, w, fisher, sizes, trainable=None, lr=0.01) -> ReducedAcrossRanks:
     alpha = sizes / sizes.sum()
-    return Reduction(
+    return ReducedAcrossRanks(
         transport=LocalTransport(), ids=np.arange(len(sizes)), weights=torch.as_tensor(w),
         fisher=None if fisher is None else torch.as_tensor(fisher), alpha=alpha, alpha_all=alpha,
         rows_per_rank=[len(sizes)], global_weights=torch.as_tensor(w_t),
@@ -82,7 +87,7 @@ def test_fdcr_reduce_path_matches_the_gather_path(options: dict) -> None:
     gathered = create("fdcr", **options).aggregate(RoundInputs(
         global_weights=torch.from_numpy(w_t), client_weights=torch.from_numpy(w), fisher=torch.from_numpy(fisher),
         sizes=torch.from_numpy(sizes), trainable=torch.from_numpy(trainable), lr=0.01))
-    reduced = create("fdcr", **options).aggregate_reduced(local_reduction(w_t, w, fisher, sizes, trainable))
+    reduced = create("fdcr", **options).aggregate_ops(local_reduction(w_t, w, fisher, sizes, trainable))
     np.testing.assert_array_equal(reduced.removed, gathered.removed)
     assert reduced.removed[3:].all() and not reduced.removed[:3].any()
     np.testing.assert_allclose(reduced.alpha_hat, gathered.alpha_hat, rtol=1e-12)
@@ -98,7 +103,7 @@ def test_fdcr_reduce_path_with_a_single_cluster_matches_the_gather_path(variant:
     gathered = create("fdcr", variant=variant).aggregate(RoundInputs(
         global_weights=torch.from_numpy(w_t), client_weights=torch.from_numpy(w[two]),
         fisher=torch.from_numpy(fisher[two]), sizes=torch.from_numpy(sizes[two]), lr=0.01))
-    reduced = create("fdcr", variant=variant).aggregate_reduced(local_reduction(w_t, w[two], fisher[two], sizes[two]))
+    reduced = create("fdcr", variant=variant).aggregate_ops(local_reduction(w_t, w[two], fisher[two], sizes[two]))
     assert gathered.diagnostics["num_clusters"] == 1 and not reduced.removed.any()
     torch.testing.assert_close(reduced.weights, gathered.weights, rtol=1e-6, atol=1e-7)
     fedavg = torch.from_numpy((sizes[two] / sizes[two].sum()) @ w[two].astype(np.float64)).float()
@@ -109,7 +114,7 @@ def test_fedavg_reduce_path_matches_the_gather_path() -> None:
     w_t, w, _, sizes, _ = make_round(4, dim=30)
     gathered = create("fedavg").aggregate(RoundInputs(global_weights=torch.from_numpy(w_t),
                                                       client_weights=torch.from_numpy(w), sizes=torch.from_numpy(sizes)))
-    reduced = create("fedavg").aggregate_reduced(local_reduction(w_t, w, None, sizes))
+    reduced = create("fedavg").aggregate_ops(local_reduction(w_t, w, None, sizes))
     torch.testing.assert_close(reduced.weights, gathered.weights, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(reduced.alpha_hat, sizes / sizes.sum())
 

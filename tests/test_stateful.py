@@ -225,7 +225,7 @@ def test_the_server_hands_the_defense_the_runs_seed_and_a_fresh_model(tmp_path: 
     from fdcr_mpi.config import load_config
     from fdcr_mpi.models import build_model
     from fdcr_mpi.runtime import server as server_module
-    from fdcr_mpi.runtime.run import execute
+    from fdcr_mpi.runtime.driver import execute
 
     captured = []
     real = server_module.defend_with_quarantine

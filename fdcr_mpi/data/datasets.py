@@ -137,7 +137,7 @@ def _not_found(src: _Source, root: Path, missing: list[Path]) -> UserError:
 
 def fetch(name: str, root: str | Path | None, mirror: str | None = None) -> None:
     """Fetch dataset ``name`` into ``root`` through torchvision unless its files are there (one
-    rank per file system calls this, before the others read; see ``runtime.run``). ``mirror``:
+    rank per file system calls this, before the others read; see ``runtime.driver``). ``mirror``:
     a URL (``https://``, ``file://``) of a folder holding the files torchvision downloads, for
     sites that keep their own copy (a cluster without internet access)."""
     if name not in _SOURCES:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fdcr_mpi.defenses.base import Defense, ProxyData, RoundInputs, RoundResult
-from fdcr_mpi.defenses.fedavg import ordered_weighted_sum
+from fdcr_mpi.defenses.ops import ordered_weighted_sum
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.models import FlatModel, FlatSGD
 from fdcr_mpi.seeding import PROXY, SERVER_MODEL, derive_seed, torch_generator

@@ -135,7 +135,7 @@ class Defense:
     needs_fisher: ClassVar[bool] = False
     needs_proxy: ClassVar[bool] = False
     keeps_client_history: ClassVar[bool] = False  # state indexed by client that needs every client every round
-    reducible: ClassVar[bool] = False  # implements ``aggregate_reduced`` (the reduce path)
+    reducible: ClassVar[bool] = False  # written against ``ClientOps`` (``aggregate_ops``): runs on the reduce path
     Options: ClassVar[type[pydantic.BaseModel]] = NoOptions
 
     def __init__(self, **options: Any) -> None:
@@ -144,13 +144,19 @@ class Defense:
         except pydantic.ValidationError as exc:
             raise UserError(describe_validation_error(exc, prefix=self.name)) from None
 
-    def aggregate(self, inputs: RoundInputs) -> RoundResult:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def aggregate(self, inputs: RoundInputs) -> RoundResult:
+        """One round on every client's row, held by the server. A ``reducible`` defense is written
+        once, as ``aggregate_ops``, and runs here on ``RowsOnServer``."""
+        if not self.reducible:  # pragma: no cover - abstract
+            raise NotImplementedError
+        from fdcr_mpi.defenses.ops import RowsOnServer
 
-    def aggregate_reduced(self, ctx: Any) -> RoundResult | None:  # pragma: no cover - abstract
-        """The reduce path (``reducible`` defenses): run on every rank with a
-        ``fdcr_mpi.reduction.Reduction`` over the rank's own rows; returns the result on rank 0
-        and None elsewhere."""
+        return self.aggregate_ops(RowsOnServer(inputs))
+
+    def aggregate_ops(self, ops: Any) -> RoundResult | None:  # pragma: no cover - abstract
+        """A ``reducible`` defense: the round against ``defenses.ops.ClientOps``, on the rows the
+        server holds or on every rank's own rows (the reduce path); returns the result on the
+        server and None elsewhere."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, np.ndarray]:

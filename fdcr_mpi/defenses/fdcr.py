@@ -48,11 +48,10 @@ import numpy as np
 import pydantic
 import torch
 
-from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult, register
+from fdcr_mpi.defenses.base import Defense, RoundResult, register
 from fdcr_mpi.defenses.clustering import DEFAULT_DBSCAN_EPS, cluster_labels, largest_mean_cluster
-from fdcr_mpi.defenses.fedavg import ordered_weighted_sum
+from fdcr_mpi.defenses.ops import ClientOps, ordered_weighted_sum
 from fdcr_mpi.errors import UserError
-from fdcr_mpi.reduction import Reduction
 
 TINY = float(torch.finfo(torch.float32).tiny)
 
@@ -188,67 +187,50 @@ class Fdcr(Defense):
     reducible = True
     Options = FdcrOptions
 
-    def aggregate(self, inputs: RoundInputs) -> RoundResult:
+    def aggregate_ops(self, ops: ClientOps) -> RoundResult | None:
+        """Eqs. 6-12 over the clients (defenses/ops.py): gt (Eq. 9a) is a weighted sum every holder
+        of rows gets, V_k and the importance sums go to the server as one value per client, the
+        server clusters and sends alpha_hat back, and w_{t+1} (Eq. 12) is a weighted sum of the
+        rescaled rows, computed chunk by chunk. On rows held by the server this is the plain
+        computation; across ranks every sum is an exact reduction."""
         opt: FdcrOptions = self.options  # type: ignore[assignment]
-        w_t, w = inputs.global_weights, inputs.client_weights
-        num_clients = inputs.num_clients
-        self.check_inputs(inputs.fisher, w, inputs.lr)
-        alpha = inputs.alpha.cpu().numpy().astype(np.float64)
-
-        imp = importance(inputs.fisher) if inputs.fisher is not None else None  # Eq. 6
-        g = client_update(w, w_t, inputs.lr)  # Eq. 7
-        gt_k = weighted_update(g, imp if opt.use_importance else None)  # Eq. 8
-        del g
-        gt = global_weighted_update(gt_k, alpha)  # Eq. 9a
-        v = discrepancy(gt, gt_k, self.discrepancy_kind)  # Eq. 9b
-        del gt_k, gt
-        labels, removed, alpha_hat, num_clusters = self.detect(v, alpha)  # Eqs. 10-11
-        trainable = None if inputs.trainable is None else inputs.trainable.to(torch.bool)
-        weights = new_global_model(alpha_hat, w_t, w, imp if self.rescales(num_clusters) else None, trainable)  # Eq. 12
-        return RoundResult(weights=weights, alpha_hat=alpha_hat, removed=removed,
-                           diagnostics=self.diagnostics(v, importance_sums(imp, num_clients), labels, num_clusters))
-
-    def aggregate_reduced(self, ctx: Reduction) -> RoundResult | None:
-        """Eqs. 6-12 as reductions: every rank holds its own clients' rows; gt (Eq. 9a) is an
-        exact Allreduce, V_k and the importance sums go to rank 0 as K scalars, rank 0 clusters
-        and sends alpha_hat back, and w_{t+1} (Eq. 12) is an exact Reduce to rank 0. Rows are
-        processed in chunks; besides its (n, D) weights and Fisher a rank holds its (n, D) gt_k
-        until Eq. 9b is done."""
-        opt: FdcrOptions = self.options  # type: ignore[assignment]
-        self.check_inputs(ctx.fisher, ctx.weights, ctx.lr)
-        w_t, w, fisher = ctx.global_weights, ctx.weights, ctx.fisher
-        trainable = None if ctx.trainable is None else ctx.trainable.to(torch.bool)
-        imp = (lambda idx: importance(fisher[idx])) if fisher is not None else (lambda idx: None)  # noqa: E731
+        self.check_inputs(ops.fisher, ops.weights, ops.lr)
+        w_t, w, fisher = ops.global_weights, ops.weights, ops.fisher
+        trainable = None if ops.trainable is None else ops.trainable.to(torch.bool)
+        imp = (lambda idx: importance(fisher[idx])) if fisher is not None else (lambda idx: None)  # noqa: E731  Eq. 6
 
         gt_k = torch.empty_like(w)
         imp_sums_local = np.zeros(w.shape[0])
-        for idx in ctx.chunks():  # Eqs. 6-8
+        for idx in ops.chunks():  # Eqs. 6-8
             imp_k = imp(idx)
-            gt_k[idx] = weighted_update(client_update(w[idx], w_t, ctx.lr), imp_k if opt.use_importance else None)
+            gt_k[idx] = weighted_update(client_update(w[idx], w_t, ops.lr), imp_k if opt.use_importance else None)
             imp_sums_local[idx] = importance_sums(imp_k, len(idx))
 
-        fpra = opt.fpra  # the released variant decides on rank 0, after the clustering
+        fpra = opt.fpra  # the released variant decides on the server, after the clustering
 
         def rescaled_rows(idx: np.ndarray) -> torch.Tensor:  # Eq. 12, what_k
             factor = rescale_factor(imp(idx)) if fpra and fisher is not None else None
             return rescale(w_t, w[idx], factor, trainable)
 
-        gt = ctx.weighted_sum(ctx.alpha, gt_k, to_all=True)  # Eq. 9a
-        v = ctx.gather(discrepancy(gt, gt_k, self.discrepancy_kind))  # Eq. 9b
-        imp_sums = ctx.gather(imp_sums_local)
+        def bounds() -> np.ndarray:  # |what_k| <= |w_t| + 2 sigmoid(1) |w_k - w_t|: the fixed-point scale
+            step = np.zeros(w.shape[0])
+            for idx in ops.chunks():
+                step[idx] = (w[idx] - w_t).abs().amax(dim=1).double().cpu().numpy()
+            return float(w_t.abs().max()) + 1.5 * step
+
+        gt = ops.weighted_sum(ops.alpha, gt_k, to_all=True)  # Eq. 9a
+        v = ops.gather(discrepancy(gt, gt_k, self.discrepancy_kind))  # Eq. 9b
+        imp_sums = ops.gather(imp_sums_local)
         del gt_k, gt
-        step = np.zeros(w.shape[0])
-        for idx in ctx.chunks():
-            step[idx] = (w[idx] - w_t).abs().amax(dim=1).double().numpy()
-        if ctx.is_server:
-            labels, removed, alpha_hat, num_clusters = self.detect(v, ctx.alpha_all)  # Eqs. 10-11
-        mine = ctx.scatter(alpha_hat if ctx.is_server else None)
-        if opt.variant == "released" and opt.fpra:  # every rank must know whether FPRA runs
-            flags = ctx.scatter(np.full(ctx.participants, float(self.rescales(num_clusters))) if ctx.is_server else None)
+        if ops.is_server:
+            labels, removed, alpha_hat, num_clusters = self.detect(v, ops.alpha_all)  # Eqs. 10-11
+        mine = ops.scatter(alpha_hat if ops.is_server else None)
+        if opt.variant == "released" and opt.fpra:  # every holder of rows must know whether FPRA runs
+            flags = ops.scatter(np.full(ops.participants, float(self.rescales(num_clusters))) if ops.is_server
+                                else None)
             fpra = bool(flags[0]) if flags.size else False
-        bound = float(w_t.abs().max()) + 1.5 * step  # |what_k| <= |w_t| + 2 sigmoid(1) |w_k - w_t|
-        weights = ctx.weighted_sum(mine, rescaled_rows, to_all=False, bounds=bound)  # Eq. 12
-        if not ctx.is_server:
+        weights = ops.weighted_sum(mine, rescaled_rows, to_all=False, bounds=bounds)  # Eq. 12
+        if not ops.is_server:
             return None
         return RoundResult(weights=weights, alpha_hat=alpha_hat, removed=removed,
                            diagnostics=self.diagnostics(v, imp_sums, labels, num_clusters))

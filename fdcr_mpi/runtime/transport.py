@@ -179,7 +179,7 @@ class MpiTransport:
         """Integer sum over ranks, in place: Allreduce (``to_all``) or Reduce to rank 0.
 
         Integer addition is associative, so the total does not depend on how many ranks there
-        are or how the terms are split among them (``fdcr_mpi.reduction`` builds on this).
+        are or how the terms are split among them (``fdcr_mpi.runtime.reduce_ops`` builds on this).
         """
         if buf.dtype != np.int64:
             raise ValueError("sum_int64 takes an int64 buffer")

@@ -57,9 +57,9 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.utils import _pair
 
-from fdcr_mpi.client import ClientData, TrainSettings, draw_epoch
+from fdcr_mpi.client.train import ClientData, TrainSettings, draw_epoch
 from fdcr_mpi.data.datasets import DatasetSpec, Shifts, repeats_one_channel
-from fdcr_mpi.models import FlatModel
+from fdcr_mpi.models import FlatModel, sgd_step
 
 LossFn = Callable[..., torch.Tensor]
 CHUNK = 5  # models per vmapped computation (see train_group)
@@ -154,18 +154,8 @@ def train_group(model: FlatModel, start: torch.Tensor, datas: list[ClientData], 
             with torch.no_grad():
                 torch.cat([t.reshape(hi - lo, -1) for t in step_grads], dim=1, out=grads[lo:hi])
                 loss_sum[lo:hi] += loss
-        with torch.no_grad():
-            g, w = grads[:k], weights[:k]
-            if settings.weight_decay:
-                g.add_(w, alpha=settings.weight_decay)
-            if momentum is not None:
-                m = momentum[:k]
-                if s == 0:
-                    m.copy_(g)
-                else:
-                    m.mul_(settings.momentum).add_(g)
-                g = m
-            w.add_(g, alpha=-settings.lr)
+        sgd_step(weights[:k], grads[:k], None if momentum is None else momentum[:k], settings.lr,
+                 settings.momentum, settings.weight_decay, first=s == 0)
 
     out[order, :p] = weights
     steps = torch.tensor(total_steps, dtype=torch.float64).to(device)

@@ -1,4 +1,4 @@
-"""The reduce path: sums over clients as exact integer reductions across ranks.
+"""The reduce path: ``ClientOps`` (defenses/ops.py) as exact integer reductions across ranks.
 
 With many clients the server cannot hold K full rows (K x D floats). FedAvg and FDCR need
 from the clients only sums of D-vectors (the global weighted update, the new model) and one
@@ -58,8 +58,8 @@ def from_fixed(total: torch.Tensor, exponent: int) -> torch.Tensor:
 
 
 @dataclass
-class Reduction:
-    """One rank's view of a round on the reduce path.
+class ReducedAcrossRanks:
+    """``ClientOps`` for one rank on the reduce path: its own clients' rows, sums reduced exactly.
 
     ids: this rank's participating clients (ascending); weights / fisher: their (n, D) rows;
     alpha: their alpha_k = N_k / N over all participants; alpha_all: every participant's, in
@@ -89,13 +89,13 @@ class Reduction:
         return int(sum(self.rows_per_rank))
 
     def weighted_sum(self, coef: np.ndarray, rows: torch.Tensor | RowFn, to_all: bool,
-                     bounds: np.ndarray | None = None) -> torch.Tensor | None:
+                     bounds: Callable[[], np.ndarray] | None = None) -> torch.Tensor | None:
         """sum over every participating client of coef_k x_k, (D,) float32, rounded the same way
         for any split of the clients among ranks. Collective; ``to_all``: every rank gets it
         (else rank 0 only, None elsewhere).
 
         ``rows`` is this rank's (n, D) tensor of x_k, or a function from local row indices to
-        those rows (computed chunk by chunk, never all at once); then ``bounds`` must give an
+        those rows (computed chunk by chunk, never all at once); then ``bounds()`` must give an
         upper bound of max_v |x_k,v| per row (it sets the fixed-point scale).
         """
         c = np.asarray(coef, dtype=np.float64)
@@ -103,7 +103,7 @@ class Reduction:
         if callable(rows):
             if bounds is None:
                 raise ValueError("weighted_sum needs row bounds when the rows are computed on the fly")
-            fetch = rows
+            fetch, bounds = rows, bounds()
         else:
             tensor = rows
             fetch = lambda idx: tensor[torch.from_numpy(idx)]  # noqa: E731

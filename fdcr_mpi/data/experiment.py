@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fdcr_mpi import evaluation, seeding
-from fdcr_mpi.client import ClientData, TrainSettings
+from fdcr_mpi import attacks, evaluation, seeding
+from fdcr_mpi.attacks import Attack
+from fdcr_mpi.client.train import ClientData, TrainSettings
 from fdcr_mpi.config import BaseConfig
 from fdcr_mpi.data import released
 from fdcr_mpi.data.datasets import DatasetSpec, RawSplit, load_raw, preprocess
@@ -23,7 +24,7 @@ from fdcr_mpi.data.partition import (
     proxy_indices,
     train_val_split,
 )
-from fdcr_mpi.data.poison import apply_trigger, dba_masks, trigger_mask
+from fdcr_mpi.data.poison import apply_trigger, trigger_mask
 from fdcr_mpi.evaluation import Batch, EvalSets
 
 
@@ -52,16 +53,6 @@ class Experiment:
         return TrainSettings(**self.config.train.model_dump(exclude={"batch_clients"}))
 
 
-def client_trigger(config: BaseConfig, malicious: np.ndarray, client: int) -> torch.Tensor:
-    """The trigger client ``client`` stamps: the full pattern, or its DBA part."""
-    pattern = config.trigger.pattern
-    if config.attack.kind != "dba":
-        return trigger_mask(pattern)
-    attackers = np.flatnonzero(malicious)
-    parts = dba_masks(pattern, len(attackers))
-    return parts[int(np.searchsorted(attackers, client))]
-
-
 class TakenRows:
     """The images of some rows of a split, read from the files once: a rank reads the rows of its
     clients (and of its evaluation share), never the whole data set."""
@@ -77,26 +68,13 @@ class TakenRows:
 
 
 def build_client(config: BaseConfig, images: np.ndarray, labels: np.ndarray, spec: DatasetSpec,
-                 malicious: np.ndarray, client: int) -> ClientData:
-    """Client ``client``'s data from its raw ``images`` and ``labels``; an attacker relabels a
-    fixed seeded half and carries a trigger."""
-    x = preprocess(images, spec)
-    true_y = torch.as_tensor(labels, dtype=torch.int64)
-    y = true_y.clone()
-    poisoned = torch.zeros(len(labels), dtype=torch.bool)
-    trigger = None
-    frozen = False
-    if malicious[client] and config.attack.kind != "none":
-        rng = seeding.numpy_rng(config.seed, seeding.POISON, client)
-        poisoned = torch.as_tensor(released.poisoned_rows(config.attack.poisoning, len(labels),
-                                                          config.attack.poison_rate, rng))
-        y[poisoned] = config.attack.target_label
-        trigger = client_trigger(config, malicious, client)
-        frozen = config.attack.augmentation == "frozen"
-        if frozen:
-            x = released.augment_once(x, spec, seeding.torch_generator(config.seed, seeding.AUGMENT, client))
-    return ClientData(x=x, y=y, poisoned=poisoned, trigger=trigger, trigger_value=config.trigger.value,
-                      true_y=true_y, augment=not frozen)
+                 malicious: np.ndarray, client: int, attack: Attack) -> ClientData:
+    """Client ``client``'s data from its raw ``images`` and ``labels``; a malicious client's are
+    then poisoned by its ``attack`` (``Attack.poison``)."""
+    y = torch.as_tensor(labels, dtype=torch.int64)
+    data = ClientData(x=preprocess(images, spec), y=y, poisoned=torch.zeros(len(labels), dtype=torch.bool),
+                      trigger_value=config.trigger.value, true_y=y)
+    return attack.poison(data, spec, client, malicious) if malicious[client] else data
 
 
 def build_eval_sets(config: BaseConfig, test: RawSplit, spec: DatasetSpec, work: list[Batch],
@@ -144,7 +122,8 @@ def build_experiment(config: BaseConfig, client_ids: list[int], *, eval_share: t
     parts = dirichlet_partition(train.y[train_idx], data.num_clients, data.beta,
                                 seeding.numpy_rng(config.seed, seeding.PARTITION), data.min_client_size)
     partition = [train_idx[p] for p in parts]
-    ratio = config.attack.malicious_ratio if config.attack.kind != "none" else 0.0
+    attack = attacks.create(config)
+    ratio = config.attack.malicious_ratio if attack.has_attackers else 0.0
     malicious = choose_malicious(data.num_clients, ratio, config.attack.malicious_ids,
                                  seeding.numpy_rng(config.seed, seeding.ATTACKERS))
     exp = Experiment(config=config, spec=spec, partition=partition, malicious=malicious)
@@ -152,7 +131,7 @@ def build_experiment(config: BaseConfig, client_ids: list[int], *, eval_share: t
         if server and with_proxy else None
     held = TakenRows(train, [partition[k] for k in client_ids] + ([proxy] if proxy is not None else []))
     for k in client_ids:
-        exp.clients[k] = build_client(config, *held.take(partition[k]), spec, malicious, k).to(device)
+        exp.clients[k] = build_client(config, *held.take(partition[k]), spec, malicious, k, attack).to(device)
     if eval_share is not None or server:
         size = len(test_rows(config, len(test.y)))
         exp.eval_work = evaluation.share(evaluation.batches(size, config.eval.batch_size), *eval_share) \

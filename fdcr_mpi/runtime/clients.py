@@ -1,16 +1,17 @@
-"""A client rank's work: run its virtual clients on w_t, fill its send blocks (ARCHITECTURE step 2).
+"""A rank's clients: train them on w_t, fill the rank's send blocks (docs/ARCHITECTURE.md step 2).
 
 The clients of a rank are trained one group at a time (a group is one client, or
 ``train.batch_clients`` ids trained as one batched computation), on the rank's device. On a CPU
 rank with more than one worker (``runtime.threads`` / ``runtime.client_threads``, see
 ``runtime.placement``) the groups are spread over worker threads, each with its own model; every
 client's arithmetic uses the same fixed intra-op threads however many workers there are, and
-its rows land at fixed positions, so the result does not depend on the scheduling.
+its rows land at fixed positions, so the result does not depend on the scheduling. A malicious
+client's attack (``attacks``) acts through its hooks: the Fisher vector it reports and the
+weights it sends.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fdcr_mpi import evaluation, seeding
+from fdcr_mpi import attacks, evaluation, seeding
 from fdcr_mpi.client import (
     ClientData,
     batch_mean_sq_fisher,
@@ -26,35 +27,16 @@ from fdcr_mpi.client import (
     fisher_samples,
     train_client,
 )
-from fdcr_mpi.config import Config, aggregation_path, parallel_eval
-from fdcr_mpi.defenses.base import Defense, RoundResult
-from fdcr_mpi.experiment import Experiment
-from fdcr_mpi.fisher_released import released_fisher
+from fdcr_mpi.client.fisher_released import released_fisher
+from fdcr_mpi.data.experiment import Experiment
 from fdcr_mpi.models import FlatModel, build_model
-from fdcr_mpi.participation import RoundPlan
-from fdcr_mpi.quarantine import expand_result
-from fdcr_mpi.reduction import Reduction
+from fdcr_mpi.runtime.faults import inject_fault
+from fdcr_mpi.runtime.protocol import FINITE, META, SendBlocks, row_is_usable
 from fdcr_mpi.runtime.staging import Device, Mark, host_buffer
-from fdcr_mpi.runtime.transport import client_blocks
-
-# Columns of the per-client metadata row sent with the weights; "finite" is 1 when the row
-# is usable (finite weights and Fisher, samples > 0), else 0 (the client is quarantined).
-META = ("size", "train_loss", "train_seconds", "fisher_seconds", "finite")
-SIZE, LOSS, TRAIN_SECONDS, FISHER_SECONDS, FINITE = range(len(META))
-STOP, ROUND = 0, 1
 
 
 class ClientFailure(RuntimeError):
     """A client's training or Fisher computation raised; the message names the client and round."""
-
-
-@dataclass
-class SendBlocks:
-    """This rank's rows, in the order of its client ids: weights, Fisher (or None) and metadata."""
-
-    weights: np.ndarray  # (n_local, D) float32
-    fisher: np.ndarray | None  # (n_local, D) float32
-    meta: np.ndarray  # (n_local, len(META)) float64
 
 
 @dataclass
@@ -91,6 +73,7 @@ class ClientRunner:
             meta=np.zeros((n, len(META)), dtype=np.float64),
         )
         self.data = {k: exp.clients[k] for k in client_ids}
+        self.attack = attacks.create(cfg)
         self.pool = ThreadPoolExecutor(len(self.models), thread_name_prefix="fdcr-client") \
             if len(self.models) > 1 else None
         self.free: queue.SimpleQueue[FlatModel] = queue.SimpleQueue()
@@ -159,7 +142,7 @@ class ClientRunner:
             loss = train_client(model, self.data[group[0]], self.exp.spec, self.exp.train_settings, generators[0])
             trained = [(model.flat, loss, (begin, self.device.mark()))]
         else:
-            from fdcr_mpi.batched import train_group
+            from fdcr_mpi.client.batched import train_group
 
             begin = self.device.mark()
             weights, losses = train_group(model, global_weights, [self.data[k] for k in group], self.exp.spec,
@@ -180,13 +163,13 @@ class ClientRunner:
 
     def fill_rows(self, model: FlatModel, row: int, k: int, global_weights: torch.Tensor,
                   generator: torch.Generator) -> None:
-        """Client ``k``'s reported Fisher and its (possibly boosted) weights into row ``row``."""
-        cfg = self.exp.config
-        attacker = bool(self.exp.malicious[k]) and cfg.attack.kind != "none"
+        """Client ``k``'s reported Fisher and its weights (an attacker's changed by its attack) into
+        row ``row``."""
+        attacker = bool(self.exp.malicious[k])
         if self.blocks.fisher is not None:
             self.device.to_host(self.blocks.fisher[row], self.reported_fisher(model, self.data[k], attacker, generator))
-        if attacker and cfg.attack.scale != 1.0:
-            boost_update(model.flat, global_weights, cfg.attack.scale)
+        if attacker:
+            self.attack.update(model.flat, global_weights)
         self.device.to_host(self.blocks.weights[row], model.flat)
 
     def record(self, row: int, k: int, round_: int, outcome: Outcome) -> None:
@@ -199,17 +182,14 @@ class ClientRunner:
 
     def reported_fisher(self, model: FlatModel, data: ClientData, attacker: bool,
                         generator: torch.Generator) -> torch.Tensor:
-        """The Fisher diagonal the client sends: its own (section 1.2), or an attacker's forgery."""
+        """The Fisher diagonal the client sends: its own (docs/SPEC.md section 1.2), or what its
+        attack reports instead (``Attack.fisher``, computed on ``Attack.honest_data``)."""
         cfg = self.exp.config
-        device = model.flat.device
-        if attacker and cfg.attack.fisher == "uniform":
-            return torch.ones(model.size, device=device)
-        if attacker and cfg.attack.fisher == "noise":
-            fisher = torch.zeros(model.size, device=device)
-            fisher[: model.num_params] = torch.randn(model.num_params, generator=generator).to(device)
-            return fisher
-        if attacker and cfg.attack.fisher == "mimic":
-            data = data.clean_part()
+        if attacker:
+            forged = self.attack.fisher(model, data, generator)
+            if forged is not None:
+                return forged
+            data = self.attack.honest_data(data)
         idx = fisher_samples(data, cfg.fisher.max_samples, generator)
         if cfg.fisher.estimator == "empirical":
             return empirical_fisher(model, data, self.exp.spec, idx, cfg.fisher.chunk_size, cfg.fisher.backend)
@@ -237,113 +217,3 @@ class ClientRunner:
         return total
 
 
-def row_is_usable(blocks: SendBlocks, row: int) -> bool:
-    """Finite weights and Fisher, and a positive sample count (else the server quarantines it)."""
-    ok = bool(np.isfinite(blocks.weights[row]).all()) and blocks.meta[row, SIZE] > 0
-    return ok and (blocks.fisher is None or bool(np.isfinite(blocks.fisher[row]).all()))
-
-
-@torch.no_grad()
-def boost_update(weights: torch.Tensor, global_weights: torch.Tensor, scale: float) -> None:
-    """Model replacement: w_k <- w_t + scale (w_k - w_t), in place."""
-    weights.sub_(global_weights).mul_(scale).add_(global_weights)
-
-
-class InjectedFault(RuntimeError):
-    """The failure that ``runtime.fault`` asked for (a resilience test, not a bug)."""
-
-
-def inject_fault(fault, rank: int, client: int, round_: int, blocks: SendBlocks, row: int) -> None:
-    """``runtime.fault``: make this rank or client fail on purpose (resilience tests).
-
-    ``exit`` ends the process at once (``os._exit(13)``) on a client rank under MPI, as a rank
-    that dies does; in one process it raises ``InjectedFault`` so that the run is marked failed.
-    """
-    if fault.kind == "none" or fault.rank != rank or fault.round != round_:
-        return
-    if fault.client is not None and fault.client != client:
-        return
-    if fault.kind == "raise":
-        raise InjectedFault(f"injected fault in client {client} at round {round_}")
-    if fault.kind == "exit":
-        if rank == 0:
-            raise InjectedFault(f"injected exit of client {client} at round {round_}")
-        os._exit(13)
-    if fault.kind in ("nan", "inf"):
-        blocks.weights[row, ::7] = np.nan if fault.kind == "nan" else np.inf
-    if fault.kind == "short":
-        blocks.meta[row, SIZE] = 0
-
-
-def worker_loop(transport, runner: ClientRunner, defense: Defense) -> None:
-    """Client rank: wait for a header, receive w_t, train, send rows (and evaluate w_{t+1} on its
-    share of the test batches); until the server says stop."""
-    cfg = runner.exp.config
-    blocks = client_blocks(cfg.data.num_clients, transport.size, cfg.train.batch_clients)
-    path = aggregation_path(cfg)
-    header = np.zeros(2, dtype=np.int64)
-    weights = host_buffer((runner.model.size,), np.float32, pinned=runner.device.cuda)
-    host_weights = torch.from_numpy(weights)
-    while True:
-        transport.wait_quietly()
-        transport.broadcast(header)
-        if header[1] == STOP:
-            return
-        transport.broadcast(weights)
-        t = int(header[0])
-        plan = RoundPlan.make(cfg.seed, cfg.data.num_clients, cfg.clients_per_round, t, blocks)
-        runner.run_round(host_weights.to(runner.device.device), t, plan.selected)
-        transport.wait_quietly()
-        if path == "gather":
-            gather_blocks(transport, runner.blocks, None, plan.rows_per_rank)
-        else:
-            reduce_round(transport, defense, plan, runner.blocks, host_weights, runner.model.trainable, t, cfg)
-        if parallel_eval(cfg, transport.size):  # Server.evaluate: w_{t+1}, counted on this rank's share
-            transport.wait_quietly()
-            transport.broadcast(weights)
-            counts = runner.evaluate(host_weights.to(runner.device.device))
-            transport.wait_quietly()
-            transport.sum_int64(counts, to_all=False)
-
-
-def gather_blocks(transport, blocks: SendBlocks, recv: SendBlocks | None, rows_per_rank: list[int]) -> None:
-    """The Gatherv of weights, Fisher and metadata (ARCHITECTURE step 3) into rank 0's ``recv``."""
-    transport.gather_rows(blocks.weights, recv.weights if recv else None, rows_per_rank)
-    if blocks.fisher is not None:
-        transport.gather_rows(blocks.fisher, recv.fisher if recv else None, rows_per_rank)
-    transport.gather_rows(blocks.meta, recv.meta if recv else None, rows_per_rank)
-
-
-def reduce_round(transport, defense: Defense, plan: RoundPlan, blocks: SendBlocks, global_weights: torch.Tensor,
-                 trainable: torch.Tensor, round_: int, cfg: Config) -> tuple[RoundResult | None, np.ndarray]:
-    """The reduce path on every rank: share the metadata, run the defense's reductions over the
-    healthy rows. Returns (the result over all participants, the participants' metadata) on
-    rank 0, (None, metadata) elsewhere; quarantined rows are those with meta ``finite`` 0."""
-    n, m = plan.rows_per_rank[transport.rank], len(plan.selected)
-    meta = np.empty((m, len(META)), dtype=np.float64)
-    transport.allgather_rows(blocks.meta, meta, plan.rows_per_rank)
-    healthy = meta[:, FINITE] > 0
-    first = int(sum(plan.rows_per_rank[: transport.rank]))
-    mine = np.flatnonzero(healthy[first:first + n])
-    take = (lambda a: torch.from_numpy(a[:n])) if mine.size == n else (lambda a: torch.from_numpy(a[mine]))  # noqa: E731
-    sizes = np.where(healthy, meta[:, SIZE], 0.0)
-    alpha_all = sizes / sizes.sum() if healthy.any() else sizes
-    ctx = Reduction(
-        transport=transport, ids=plan.selected[first:first + n][mine], weights=take(blocks.weights),
-        fisher=None if blocks.fisher is None else take(blocks.fisher), alpha=alpha_all[first:first + n][mine],
-        alpha_all=alpha_all[healthy], rows_per_rank=healthy_per_rank(healthy, plan.rows_per_rank),
-        global_weights=global_weights.to(torch.float32).cpu(), trainable=trainable.cpu(), lr=cfg.train.lr,
-        round=round_, total_rounds=cfg.rounds)
-    if not healthy.any():  # every participant is quarantined: keep w_t
-        result = RoundResult(weights=ctx.global_weights.clone(), alpha_hat=np.zeros(0), removed=np.zeros(0, bool))
-    else:
-        result = defense.aggregate_reduced(ctx)
-    if transport.rank != 0:
-        return None, meta
-    return expand_result(result, np.flatnonzero(healthy), m), meta
-
-
-def healthy_per_rank(healthy: np.ndarray, rows_per_rank: list[int]) -> list[int]:
-    """How many of each rank's rows are healthy."""
-    bounds = np.concatenate([[0], np.cumsum(rows_per_rank)]).astype(int)
-    return [int(healthy[bounds[r]:bounds[r + 1]].sum()) for r in range(len(rows_per_rank))]

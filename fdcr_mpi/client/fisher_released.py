@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fdcr_mpi.client import ClientData, batches
+from fdcr_mpi.client.train import ClientData, batches
 from fdcr_mpi.data.datasets import DatasetSpec, Shifts
 from fdcr_mpi.models import FlatModel
 

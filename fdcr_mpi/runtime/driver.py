@@ -1,18 +1,17 @@
 """One run, SPMD: every rank calls ``execute``; rank 0 serves, the others host clients.
 
-Setup (config, data, run directory, checkpoint) is checked collectively: if any rank hits a
-user error, every rank stops with rank 0 printing that one sentence, before any round. After
-setup, an unexpected error in any rank aborts the whole job (``fail_job``).
+Setup (config, placement, data, run directory, checkpoint) is checked collectively: if any rank
+hits a user error, every rank stops with rank 0 printing that one sentence, before any round.
+Then every rank builds its ``RunContext`` and runs the rounds (``runtime.round``); rank 0 records
+them (``runtime.recorder``). After setup, an unexpected error in any rank aborts the whole job
+(``fail_job``).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,136 +19,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fdcr_mpi import __version__, metrics
-from fdcr_mpi.checkpoint import RunLock, load_latest_checkpoint, write_checkpoint
+from fdcr_mpi import __version__, metrics, seeding
+from fdcr_mpi.checkpoint import RunLock
 from fdcr_mpi.config import (
     BaseConfig,
     aggregation_path,
-    config_hash,
     from_yaml,
     parallel_eval,
+    participants,
     to_yaml,
 )
+from fdcr_mpi.data.datasets import model_input
+from fdcr_mpi.data.experiment import Experiment, build_experiment
 from fdcr_mpi.defenses import create
-from fdcr_mpi.defenses.base import Defense
+from fdcr_mpi.defenses.base import Defense, ProxyData
 from fdcr_mpi.errors import Preempted, UserError
-from fdcr_mpi.experiment import Experiment, build_experiment
+from fdcr_mpi.models import build_model
 from fdcr_mpi.runtime import numerics, placement, sentinel
 from fdcr_mpi.runtime.allocator import tune_malloc
-from fdcr_mpi.runtime.server import Server, StopFlag, weights_sha256
+from fdcr_mpi.runtime.clients import ClientRunner
+from fdcr_mpi.runtime.faults import InjectedFault
+from fdcr_mpi.runtime.protocol import META, SendBlocks
+from fdcr_mpi.runtime.recorder import RUN_FILE, Recorder, StopFlag
+from fdcr_mpi.runtime.round import RunContext, run_rounds
+from fdcr_mpi.runtime.staging import host_buffer
 from fdcr_mpi.runtime.transport import client_blocks, fail_job, make_transport
-from fdcr_mpi.runtime.worker import ClientRunner, InjectedFault, worker_loop
-from fdcr_mpi.store import RunFile
-
-RUN_FILE = "run.h5"
-NUMERICS = "numerics"  # run-file attribute: the numerics fingerprint (JSON) of the run's creation
-NUMERICS_CHANGES = "numerics_changes"  # resumes allowed to continue with other numerics (JSON list)
-
-
-class Recorder:
-    """Rank 0's side effects of a round: checkpoint, run-file row, console line."""
-
-    def __init__(self, out: Path, config: BaseConfig, exp: Experiment, quiet: bool = False,
-                 fingerprint: dict[str, str] | None = None, allow_numerics_change: bool = False,
-                 num_params: int = 0) -> None:
-        self.out, self.config, self.exp, self.quiet = out, config, exp, quiet
-        self.num_params = num_params
-        self.fingerprint = fingerprint or {}
-        self.allow_numerics_change = allow_numerics_change
-        self.hash = config_hash(config)
-        self.run_file: RunFile | None = None
-        self.stop = None  # the server's StopFlag: a stop request forces a checkpoint
-        self.started = time.perf_counter()
-        self.rounds_timed = 0
-        self.watch = sentinel.Watch()  # the watcher that names a dying rank (MPI runs)
-
-    def open(self, restart: bool) -> tuple[int, torch.Tensor | None, dict | None]:
-        """Create or reopen the run file; returns (start round, weights, defense state) to resume from."""
-        path = self.out / RUN_FILE
-        if restart:
-            path.unlink(missing_ok=True)
-            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-        if path.exists():
-            self.run_file = RunFile.open(path, config_hash=self.hash)
-            self.check_numerics()
-            checkpoint = load_latest_checkpoint(self.out, self.hash)
-            if checkpoint is None:
-                self.run_file.truncate_rounds(0)
-                return 0, None, None
-            self.run_file.truncate_rounds(checkpoint.round + 1)
-            return checkpoint.round + 1, torch.from_numpy(checkpoint.weights.copy()), checkpoint.defense_state
-        self.run_file = RunFile.create(
-            path, config_yaml=to_yaml(self.config), config_hash=self.hash, version=__version__,
-            num_clients=self.exp.num_clients, sizes=self.exp.sizes, malicious=self.exp.malicious,
-            partition=self.exp.partition, num_params=self.num_params)
-        self.run_file.set_attr(NUMERICS, json.dumps(self.fingerprint, sort_keys=True))
-        return 0, None, None
-
-    def check_numerics(self) -> None:
-        """Resume only where the numbers come out the same: the run file's fingerprint against
-        this launch's; a difference is a UserError unless allowed (then recorded in the file)."""
-        stored = self.run_file.file.attrs.get(NUMERICS)
-        recorded = json.loads(stored) if stored else {}
-        diff = numerics.differences(recorded, self.fingerprint)
-        if not diff or not recorded:
-            return
-        if not self.allow_numerics_change:
-            raise UserError(f"this launch would compute the rest of {self.out} with other numerics than its "
-                            f"first rounds ({'; '.join(diff)}); resume where it ran, or pass "
-                            "--allow-numerics-change to continue anyway (the run file records it)")
-        changes = json.loads(self.run_file.file.attrs.get(NUMERICS_CHANGES, "[]"))
-        changes.append({"rounds_done": self.run_file.rounds_done(), "changed": diff, "fingerprint": self.fingerprint})
-        self.run_file.set_attr(NUMERICS_CHANGES, json.dumps(changes, sort_keys=True))
-
-    def record_round(self, t: int, row: dict, weights: torch.Tensor, defense: Defense,
-                     seconds: dict[str, float], round_start: float) -> None:
-        """Append the round's row, then checkpoint w_{t+1}: a kill between the two leaves a row
-        without a checkpoint, which resume cuts and recomputes (never a checkpoint without its row)."""
-        rt = self.config.runtime
-        write_start = time.perf_counter()
-        flat = weights.numpy()
-        row.update({f"seconds_{name}": value for name, value in seconds.items()})
-        row["seconds_write"] = row["seconds_round"] = float("nan")
-        self.run_file.append_round(row)
-        if rt.save_weights_every and (t + 1) % rt.save_weights_every == 0:
-            self.run_file.save_global_weights(t, flat)
-        stopping = self.stop is not None and self.stop.signum is not None
-        if (t + 1) % rt.checkpoint_every == 0 or t + 1 == self.config.rounds or stopping:
-            write_checkpoint(self.out, round=t, config_hash=self.hash, weights=flat,
-                             rng_state={}, defense_state=defense.state_dict(), keep=rt.keep_checkpoints)
-        now = time.perf_counter()
-        self.run_file.set_last("seconds_write", now - write_start)
-        self.run_file.set_last("seconds_round", now - round_start)
-        self.print_round(t, row, now - round_start)
-        self.watch.recorded(t + 1)
-
-    def print_round(self, t: int, row: dict, round_seconds: float) -> None:
-        if self.quiet:
-            return
-        self.rounds_timed += 1
-        left = self.config.rounds - t - 1
-        eta = (time.perf_counter() - self.started) / self.rounds_timed * left
-        removed = np.flatnonzero(row["removed"]).tolist()
-        print(f"round {t + 1:>3}/{self.config.rounds}  A {row['A']:6.2f}  R {row['R']:6.2f}  "
-              f"R_paper {row['R_paper']:6.2f}  V {row['V']:6.2f}  removed {removed}  {round_seconds:6.1f} s  "
-              f"ETA {format_eta(eta)}", flush=True)
-
-    def mark_failed(self) -> None:
-        """Best effort: status 'failed' (the rows and checkpoints already written stay valid)."""
-        try:
-            if self.run_file is not None:
-                self.run_file.set_status("failed")
-                self.run_file.close()
-        except (OSError, UserError, ValueError):
-            pass
-
-    def finish(self, weights: torch.Tensor, status: str) -> str:
-        digest = weights_sha256(weights)
-        if status == "complete":
-            self.run_file.set_attr("final_sha256", digest)
-        self.run_file.set_status(status)
-        self.run_file.close()
-        return digest
 
 
 def participation(config: BaseConfig) -> str:
@@ -181,11 +75,6 @@ def make_run_dir(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"cannot write the run directory {out}: {exc.strerror or exc}") from None
-
-
-def format_eta(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 @dataclass(frozen=True)
@@ -321,7 +210,7 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
             make_run_dir(out)
             lock = RunLock(out).acquire()
             sentinel.clear_records(out)  # before any node's watcher starts (after this setup)
-            recorder = Recorder(out, config, exp, quiet=quiet, fingerprint=launch.fingerprint,
+            recorder = Recorder(out, config, exp, defense, quiet=quiet, fingerprint=launch.fingerprint,
                                 allow_numerics_change=allow_numerics_change, num_params=runner.model.num_params)
             start, weights, state = recorder.open(restart)
     except UserError as exc:
@@ -333,15 +222,15 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
             lock.release()
         raise UserError(setup_error)
 
-    blocks = client_blocks(config.data.num_clients, transport.size, config.train.batch_clients)
+    ctx = run_context(config, transport, exp, runner, defense)
     leader = launch.leader(transport.rank)
     node_watch = sentinel.Watch()
     if transport.size > 1 and transport.rank == leader != 0:  # the first rank of every other node
-        node_watch = sentinel.watch_node(out, identities, blocks, leader)
+        node_watch = sentinel.watch_node(out, identities, ctx.blocks, leader)
     watching = transport.allgather(node_watch.active)
     if not transport.is_server:
         try:
-            worker_loop(transport, runner, defense)
+            run_rounds(ctx, 0, torch.empty(0), stop, record=None)  # the server's header says which round
         except BaseException as exc:  # noqa: BLE001 - any failure must end the whole job
             sentinel.note_failure(out, transport.rank, exc)
             fail_job(transport, exc)
@@ -352,14 +241,13 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
 
     try:
         remote = [r for r in range(transport.size) if launch.leader(r) != 0 and watching[launch.leader(r)]]
-        recorder.watch = sentinel.begin_attempt(out, identities, blocks, start, config.rounds, remote)
-        server = Server(transport, exp, runner, defense, recorder)
+        recorder.watch = sentinel.begin_attempt(out, identities, ctx.blocks, start, config.rounds, remote)
         if state:
             defense.load_state_dict(state)
         if weights is None:
-            weights = server.initial_weights()
+            weights = initial_weights(config)
         if start >= config.rounds:
-            server.run(start, weights)  # tells the workers to stop
+            run_rounds(ctx, start, weights, stop, recorder.record)  # tells the client ranks to stop
             digest = recorder.finish(weights, "complete")
             print(f"run in {out} is already complete ({config.rounds} rounds)\nfinal model sha256: {digest}")
             return 0
@@ -372,13 +260,13 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
             if transport.size > 1:
                 print("clients by rank: " + placement_line(identities, config.data.num_clients,
                                                              config.train.batch_clients), flush=True)
-        server.stop = recorder.stop = stop
-        weights = server.run(start, weights)
+        recorder.stop = stop
+        weights = run_rounds(ctx, start, weights, stop, recorder.record)
         rounds_done = recorder.run_file.rounds_done()
         done = rounds_done >= config.rounds
         digest = recorder.finish(weights, "complete" if done else "preempted")
         if not done:
-            raise Preempted(f"stopped by signal {server.stop.signum} after round "
+            raise Preempted(f"stopped by signal {stop.signum} after round "
                             f"{rounds_done}; resume with: fdcr-mpi resume {out}")
         print_final(out / RUN_FILE, config, digest, quiet)
         return 0
@@ -405,6 +293,39 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
         runner.close()
         if lock is not None:
             lock.release()
+
+
+def run_context(config: BaseConfig, transport, exp: Experiment, runner: ClientRunner,
+                defense: Defense) -> RunContext:
+    """What this rank needs for the rounds: the rows' buffers, the path, the server's proxy set."""
+    path, d = aggregation_path(config), runner.model.size
+    recv = None
+    if transport.is_server and path == "gather":  # the participants' rows, in host memory where the defense runs
+        m = participants(config)
+        recv = SendBlocks(weights=np.empty((m, d), np.float32),
+                          fisher=np.empty((m, d), np.float32) if runner.blocks.fisher is not None else None,
+                          meta=np.empty((m, len(META)), np.float64))
+    return RunContext(
+        config=config, transport=transport, exp=exp, runner=runner, defense=defense,
+        blocks=client_blocks(config.data.num_clients, transport.size, config.train.batch_clients), path=path,
+        parallel_eval=parallel_eval(config, transport.size), trainable=runner.model.trainable.cpu(),
+        w_buffer=host_buffer((d,), np.float32, pinned=runner.device.cuda),
+        proxy=server_proxy(config, exp) if transport.is_server and defense.needs_proxy else None, recv=recv)
+
+
+def initial_weights(config: BaseConfig) -> torch.Tensor:
+    """w_0: the model initialised from the run's seed (on the CPU, whatever the device)."""
+    return build_model(config.model.name, seeding.derive_seed(config.seed, seeding.MODEL_INIT)).flat.clone()
+
+
+def server_proxy(config: BaseConfig, exp: Experiment) -> ProxyData:
+    """The server's proxy set and training settings, for FLTrust, Sageflow and Finetuning."""
+    sets = exp.eval_sets
+    return ProxyData(
+        x=model_input(sets.proxy_x).contiguous(), y=sets.proxy_y,
+        make_model=lambda: build_model(config.model.name, 0), lr=config.train.lr, momentum=config.train.momentum,
+        weight_decay=config.train.weight_decay, batch_size=config.train.batch_size,
+        local_epochs=config.train.local_epochs, seed=seeding.derive_seed(config.seed, seeding.DEFENSE))
 
 
 def shared_config(config: BaseConfig | Callable[[], BaseConfig], transport) -> tuple[BaseConfig | None, str | None]:
