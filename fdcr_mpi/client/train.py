@@ -61,7 +61,7 @@ class ClientData:
         return ClientData(x=self.x[keep], y=labels[keep], poisoned=torch.zeros(int(keep.sum()), dtype=torch.bool,
                                                                                 device=self.device))
 
-    def inputs(self, idx: torch.Tensor, spec: DatasetSpec, shifts: Shifts | None) -> torch.Tensor:
+    def inputs(self, idx: torch.Tensor, spec: DatasetSpec | None, shifts: Shifts | None) -> torch.Tensor:
         """Model-ready batch of rows ``idx`` (on the data's device): augmented by ``shifts`` when
         given, then triggered on its poisoned rows."""
         x = self.x[idx]
@@ -102,7 +102,7 @@ class Epoch:
         return iter(zip(self.batches, self.shifts))
 
 
-def draw_epoch(n: int, settings: TrainSettings, spec: DatasetSpec, generator: torch.Generator,
+def draw_epoch(n: int, settings: TrainSettings, spec: DatasetSpec | None, generator: torch.Generator,
                device: torch.device, augment: bool = True) -> Epoch:
     """An epoch's draws from ``generator``, in the order training consumes them: the permutation
     of the ``n`` samples, then each batch's crops (and flips) unless ``augment`` is off (data
@@ -121,10 +121,11 @@ def draw_epoch(n: int, settings: TrainSettings, spec: DatasetSpec, generator: to
     return Epoch([r[0] for r in rows], [Shifts(r[1], r[2], r[3].bool() if spec.hflip else None) for r in rows])
 
 
-def train_client(model: FlatModel, data: ClientData, spec: DatasetSpec, settings: TrainSettings,
+def train_client(model: FlatModel, data: ClientData, spec: DatasetSpec | None, settings: TrainSettings,
                  generator: torch.Generator) -> torch.Tensor:
     """Train ``model`` in place on the client's data (ALGORITHM.md 1.1); returns the mean training
-    loss as a float64 scalar tensor on the model's device (nan if no step), without waiting for it."""
+    loss as a float64 scalar tensor on the model's device (nan if no step), without waiting for it.
+    ``spec`` (how the data set augments) may be None for data that is not augmented."""
     module = model.module
     module.train()
     device = model.flat.device

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fdcr_mpi.client.train import ClientData, TrainSettings, train_client
 from fdcr_mpi.defenses.base import Defense, ProxyData, RoundInputs, RoundResult
 from fdcr_mpi.defenses.ops import ordered_weighted_sum
 from fdcr_mpi.errors import UserError
-from fdcr_mpi.models import FlatModel, FlatSGD
+from fdcr_mpi.models import FlatModel
 from fdcr_mpi.seeding import PROXY, SERVER_MODEL, derive_seed, torch_generator
 
 CHUNK = 1 << 18  # columns per chunk: a (K, CHUNK) float64 block is 2 MiB per client
@@ -196,30 +197,19 @@ def proxy_model(proxy: ProxyData, weights: torch.Tensor) -> FlatModel:
 
 
 def train_on_proxy(proxy: ProxyData, weights: torch.Tensor, epochs: int, round_: int) -> tuple[torch.Tensor, float]:
-    """``epochs`` of SGD (FlatSGD with the clients' lr, momentum, weight decay) on the proxy set,
-    starting from ``weights``; batches of ``proxy.batch_size`` (last one partial), shuffled by
-    the generator of (proxy.seed, PROXY, round). Returns the trained (D,) vector (CPU float32)
-    and the mean training loss (nan if no step)."""
+    """``epochs`` of the clients' local training (``client.train_client``: the clients' lr,
+    momentum and weight decay) on the proxy set, starting from ``weights``; batches of
+    ``proxy.batch_size`` (last one partial), no augmentation, shuffled by the generator of
+    (proxy.seed, PROXY, round). Returns the trained (D,) vector (CPU float32) and the mean
+    training loss (nan if no step)."""
     model = proxy_model(proxy, weights)
-    module = model.module
-    module.train()
     device = model.flat.device
-    x, y = proxy.x.to(device), proxy.y.to(device)
-    optimizer = FlatSGD(model, proxy.lr, proxy.momentum, proxy.weight_decay)
-    generator = torch_generator(proxy.seed, PROXY, round_)
-    n = int(y.numel())
-    total, steps = 0.0, 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, proxy.batch_size):
-            idx = order[start:start + proxy.batch_size].to(device)
-            model.zero_grad()
-            loss = F.cross_entropy(module(x[idx]), y[idx])
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-            steps += 1
-    return model.flat.detach().cpu().clone(), (total / steps if steps else float("nan"))
+    data = ClientData(x=proxy.x.to(device), y=proxy.y.to(device),
+                      poisoned=torch.zeros(int(proxy.y.numel()), dtype=torch.bool, device=device), augment=False)
+    settings = TrainSettings(local_epochs=epochs, lr=proxy.lr, momentum=proxy.momentum,
+                             weight_decay=proxy.weight_decay, batch_size=proxy.batch_size, drop_last=False)
+    loss = train_client(model, data, None, settings, torch_generator(proxy.seed, PROXY, round_))  # no augmentation: no spec
+    return model.flat.detach().cpu().clone(), float(loss)
 
 
 @torch.no_grad()
