@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pydantic
 import torch
 
 from fdcr_mpi.errors import UserError, describe_validation_error
+
+if TYPE_CHECKING:
+    from fdcr_mpi.defenses.ops import ClientOps
 
 
 @dataclass
@@ -153,7 +156,7 @@ class Defense:
 
         return self.aggregate_ops(RowsOnServer(inputs))
 
-    def aggregate_ops(self, ops: Any) -> RoundResult | None:  # pragma: no cover - abstract
+    def aggregate_ops(self, ops: ClientOps) -> RoundResult | None:  # pragma: no cover - abstract
         """A ``reducible`` defense: the round against ``defenses.ops.ClientOps``, on the rows the
         server holds or on every rank's own rows (the reduce path); returns the result on the
         server and None elsewhere."""

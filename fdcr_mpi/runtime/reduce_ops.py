@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fdcr_mpi.runtime.transport import Transport
+
 INT_BITS = 62  # the sum of all terms stays below 2^62 in magnitude
 CHUNK_BYTES = 1 << 26  # int64 working set of one chunk of rows
 RowFn = Callable[[np.ndarray], torch.Tensor]
@@ -67,7 +69,7 @@ class ReducedAcrossRanks:
     many participants each rank holds.
     """
 
-    transport: object
+    transport: Transport
     ids: np.ndarray
     weights: torch.Tensor
     fisher: torch.Tensor | None
