@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--sweep", type=Path, help="run one run of this sweep file (with --index)")
     run.add_argument("--index", type=int, help="the run's index in the sweep (e.g. $SLURM_ARRAY_TASK_ID)")
     run.add_argument("--allow-numerics-change", action="store_true", help=NUMERICS_HELP)
+    run.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                     help="a module or .py file with your own defenses or attacks (docs/PLUGINS.md); repeatable")
 
     resume = sub.add_parser("resume", help="resume the run in DIR from its last checkpoint")
     resume.add_argument("dir", type=Path)
@@ -65,8 +67,10 @@ def parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="summarise the run in DIR")
     inspect.add_argument("dir", type=Path)
 
-    lst = sub.add_parser("list", help="list defenses, datasets or models")
-    lst.add_argument("what", choices=("defenses", "datasets", "models"))
+    lst = sub.add_parser("list", help="list defenses, attacks, datasets or models")
+    lst.add_argument("what", choices=("defenses", "attacks", "datasets", "models"))
+    lst.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                     help="also list what this module or .py file registers; repeatable")
 
     from fdcr_mpi.cli_sweep import register
 
@@ -96,7 +100,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.out = args.out or sweep_out
     if args.data_root:
         overrides = [*overrides, f"data.root={args.data_root}"]
+    if args.plugin:  # imported before the config is checked, and kept in it for resume
+        from fdcr_mpi.plugins import import_plugins
+
+        import_plugins(args.plugin)
     config = load_config(path, overrides)
+    if args.plugin:
+        config.plugins = [*config.plugins, *(p for p in args.plugin if p not in config.plugins)]
     out = args.out or Path("runs") / config_hash(config)
     return execute(config, out, restart=args.restart, transport_kind=args.transport, quiet=args.quiet,
                    allow_numerics_change=args.allow_numerics_change)
@@ -136,10 +146,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    if args.what == "defenses":
-        from fdcr_mpi.defenses import available
+    from fdcr_mpi.plugins import import_plugins
 
-        for name, cls in available().items():
+    import_plugins(args.plugin)
+    if args.what in ("defenses", "attacks"):
+        from fdcr_mpi import attacks, defenses
+
+        registry = defenses.available() if args.what == "defenses" else attacks.available()
+        for name, cls in registry.items():
             print(f"{name:16s} {cls.summary}")
     elif args.what == "datasets":
         from fdcr_mpi.data.datasets import SPECS

@@ -185,6 +185,8 @@ class RuntimeConfig(Section):
 
 
 class BaseConfig(Section):
+    plugins: list[str] = []
+    """Modules (or .py files) of the user's own defenses and attacks, imported first (fdcr_mpi.plugins)."""
     seed: int = 0
     rounds: int = pydantic.Field(50, ge=1)
     clients_per_round: int | None = pydantic.Field(None, ge=1)
@@ -235,9 +237,16 @@ def _parse_overrides(overrides: list[str]) -> Any:
 
 
 def validate(data: Any) -> BaseConfig:
-    """Validate a plain dict against the schema; one ``UserError`` sentence on the first problem."""
+    """Validate a plain dict against the schema; one ``UserError`` sentence on the first problem.
+    The config's ``plugins`` are imported first: their defenses and attacks are part of the schema."""
     if not isinstance(data, dict):
         raise UserError("the config must be a mapping of sections (data:, attack:, ...)")
+    plugins = data.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise UserError("config key 'plugins' must be a list of module names or .py files")
+    from fdcr_mpi.plugins import import_plugins
+
+    import_plugins(plugins)
     try:
         config = _schema().model_validate(data)
     except pydantic.ValidationError as exc:
@@ -352,6 +361,7 @@ def config_hash(config: BaseConfig) -> str:
 
     data = config.model_dump(mode="json")
     data.pop("runtime", None)
+    data.pop("plugins", None)
     for name in available():
         if name != config.defense.name:
             data.pop(name, None)
