@@ -23,6 +23,7 @@ from fdcr_mpi.data.partition import (
     train_val_split,
 )
 from fdcr_mpi.data.poison import apply_trigger, dba_masks, poison_mask, trigger_mask
+from fdcr_mpi.errors import UserError
 
 
 @dataclass
@@ -117,6 +118,16 @@ def build_eval_sets(config: BaseConfig, train: RawSplit, test: RawSplit, spec: D
     return sets
 
 
+def check_batch_size(config: BaseConfig, partition: list[np.ndarray]) -> None:
+    """A UserError when no client holds one full batch: with ``drop_last`` nobody would train."""
+    largest = max((len(p) for p in partition), default=0)
+    train = config.train
+    if train.drop_last and train.local_epochs > 0 and train.batch_size > largest:
+        raise UserError(f"train.batch_size {train.batch_size} is larger than every client's training set (the "
+                        f"largest has {largest} samples), so with train.drop_last=true no client would train; "
+                        "lower train.batch_size or set train.drop_last=false")
+
+
 def build_experiment(config: BaseConfig, client_ids: list[int], server: bool,
                      with_proxy: bool = False, evaluates: bool = False) -> Experiment:
     """The experiment as seen by a rank hosting ``client_ids``, with the evaluation sets if it is
@@ -131,6 +142,7 @@ def build_experiment(config: BaseConfig, client_ids: list[int], server: bool,
     parts = dirichlet_partition(train.y[train_idx], data.num_clients, data.beta,
                                 seeding.numpy_rng(config.seed, seeding.PARTITION), data.min_client_size)
     partition = [train_idx[p] for p in parts]
+    check_batch_size(config, partition)
     ratio = config.attack.malicious_ratio if config.attack.kind != "none" else 0.0
     malicious = choose_malicious(data.num_clients, ratio, config.attack.malicious_ids,
                                  seeding.numpy_rng(config.seed, seeding.ATTACKERS))

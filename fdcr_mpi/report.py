@@ -15,13 +15,13 @@ import functools
 import io
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from fdcr_mpi.errors import UserError
 
@@ -67,6 +67,13 @@ class RunRecord:
     def name(self) -> str:
         return self.path.parent.name
 
+    @property
+    def complete(self) -> bool:
+        """Status ``complete`` with every round of its config present."""
+        rows = len(self.rounds["round"]) if "round" in self.rounds else 0
+        planned = self.config.get("rounds")
+        return self.status == "complete" and not (isinstance(planned, int) and rows < planned)
+
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
@@ -105,14 +112,17 @@ def find_run_files(dirs: Iterable[Path]) -> list[Path]:
     found: list[Path] = []
     for d in dirs:
         d = Path(d)
-        if d.is_file() and d.name == RUN_FILE:
-            found.append(d)
-        elif (d / RUN_FILE).is_file():
-            found.append(d / RUN_FILE)
-        elif d.is_dir():
-            found += sorted(p for p in d.rglob(RUN_FILE) if "checkpoints" not in p.parts)
-        else:
-            raise UserError(f"{d} is neither a run directory nor a folder of runs")
+        try:
+            if d.is_file() and d.name == RUN_FILE:
+                found.append(d)
+            elif (d / RUN_FILE).is_file():
+                found.append(d / RUN_FILE)
+            elif d.is_dir():
+                found += sorted(p for p in d.rglob(RUN_FILE) if "checkpoints" not in p.parts)
+            else:
+                raise UserError(f"{d} is neither a run directory nor a folder of runs")
+        except OSError as exc:
+            raise UserError(f"cannot look for runs in {d}: {exc.strerror or exc}") from None
     unique = sorted(set(p.resolve() for p in found))
     if not unique:
         raise UserError(f"no run files ({RUN_FILE}) in {', '.join(str(d) for d in dirs)}")
@@ -129,30 +139,44 @@ def _text(value: Any) -> str:
 
 
 def load_record(path: Path) -> RunRecord:
-    """Read one run file: config, status, every round column, ground truth, final A/R/V."""
-    from fdcr_mpi.checkpoint import open_h5
-    from fdcr_mpi.metrics import final_figure
-    from fdcr_mpi.store import read_rounds
+    """Read one run file: config, status, every round column, ground truth, final A/R/V.
 
-    try:
-        with open_h5(path, "r") as f:
-            text = f.attrs.get("config", "")
-            status = f.attrs.get("status", "running")
-            malicious = f["clients/malicious"][()] if "clients/malicious" in f else np.zeros(0, bool)
-    except OSError as exc:
-        raise UserError(f"could not read {path}: {exc}") from None
-    config = own_options({**defaults(), **flatten(yaml.safe_load(_text(text)) or {})})  # newer keys: defaults
+    A damaged file (unreadable objects, config text or figures) is a UserError.
+    """
+    from fdcr_mpi.metrics import final_figure
+    from fdcr_mpi.store import read_rounds, reading, stored_config
+
+    with reading(path) as f:
+        stored = stored_config(f)
+        status = f.attrs.get("status", "running")
+        malicious = f["clients/malicious"][()] if "clients/malicious" in f else np.zeros(0, bool)
     rounds = read_rounds(path)
-    last = final_window(config)
-    final = {m: final_figure(rounds[m], last) if m in rounds else math.nan for m in METRICS}
-    return RunRecord(Path(path), _text(status), config, rounds, np.asarray(malicious, bool), final)
+    try:
+        config = own_options({**defaults(), **flatten(stored)})  # newer keys: defaults
+        last = final_window(config)
+        final = {m: final_figure(rounds[m], last) if m in rounds else math.nan for m in METRICS}
+        return RunRecord(Path(path), _text(status), config, rounds, np.asarray(malicious, bool), final)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise UserError(f"could not read {path}: it is unreadable or corrupt ({exc})") from None
 
 
 def load_records(dirs: Iterable[Path], partial: bool = False) -> tuple[list[RunRecord], list[RunRecord]]:
-    """(runs counted, runs left out because they are unfinished) from the run files in ``dirs``."""
-    records = [load_record(p) for p in find_run_files(dirs)]
-    counted = [r for r in records if r.status == "complete" or (partial and r.rounds.get("round") is not None
-                                                                and len(r.rounds["round"]) > 0)]
+    """(runs counted, runs left out because they are unfinished) from the run files in ``dirs``.
+
+    A run file that cannot be read is left out with a warning (one damaged run does not stop a report).
+    """
+    from fdcr_mpi.store import RunFileWarning
+
+    records = []
+    for path in find_run_files(dirs):
+        try:
+            records.append(load_record(path))
+        except UserError as exc:
+            warnings.warn(f"left out: {exc}", RunFileWarning, stacklevel=2)
+    if not records:
+        raise UserError(f"none of the run files in {', '.join(str(d) for d in dirs)} can be read")
+    counted = [r for r in records if r.complete or (partial and r.rounds.get("round") is not None
+                                                     and len(r.rounds["round"]) > 0)]
     left = [r for r in records if r not in counted]
     if not counted:
         raise UserError(f"none of the {len(records)} runs found is complete (use --partial to count unfinished runs)")
@@ -281,14 +305,16 @@ def read_reference(path: Path | None) -> dict[tuple[str, str, float, float], dic
     if not Path(path).is_file():
         raise UserError(f"the reference table {path} does not exist")
     table = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
+    try:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
                 key = (row["method"], row["dataset"], float(row["beta"]), float(row["malicious_ratio"]))
                 table[key] = {m: float(row[m]) for m in METRICS}
-            except (KeyError, ValueError) as exc:
-                raise UserError(f"{path} is not the paper's table (method, dataset, beta, "
-                                f"malicious_ratio, A, R, V): {exc}") from None
+    except (KeyError, ValueError, TypeError, csv.Error) as exc:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{path} is not the paper's table (a CSV of method, dataset, beta, "
+                        f"malicious_ratio, A, R, V): {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read the reference table {path}: {exc.strerror or exc}") from None
     return table
 
 
@@ -495,11 +521,14 @@ def write_report(dirs: Sequence[Path], out: Path, *, reference: Path | None = No
                  partial: bool = False) -> list[Path]:
     """Write table4.md, table4.csv and table4.tex into ``out``; returns their paths."""
     report = build_report(dirs, reference=reference, partial=partial)
-    out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, text in (("table4.md", markdown(report)), ("table4.csv", csv_text(report)),
-                       ("table4.tex", latex(report))):
-        path = out / name
-        path.write_text(text)
-        paths.append(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in (("table4.md", markdown(report)), ("table4.csv", csv_text(report)),
+                           ("table4.tex", latex(report))):
+            path = out / name
+            path.write_text(text)
+            paths.append(path)
+    except OSError as exc:
+        raise UserError(f"cannot write the report into {out}: {exc.strerror or exc}") from None
     return paths

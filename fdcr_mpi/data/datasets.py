@@ -113,7 +113,11 @@ def load_raw(
     elif name == "synthetic":
         train, test = _make_synthetic(seed)
     else:
-        train, test = _load_torchvision(_SOURCES[name], resolve_root(root), download)
+        try:
+            train, test = _load_torchvision(_SOURCES[name], resolve_root(root), download)
+        except PermissionError as exc:
+            raise UserError(f"cannot read the {_SOURCES[name].title} data: permission denied on "
+                            f"{exc.filename or resolve_root(root)}") from None
     for split in (train, test):
         _validate(split, spec, _SOURCES[name].title if name in _SOURCES else name)
     return train, test, spec
@@ -146,6 +150,8 @@ def _load_torchvision(src: _Source, root: Path, download: bool) -> tuple[RawSpli
     cls = getattr(import_torchvision().datasets, src.cls_name)
     try:
         splits = [cls(str(root), train=train, download=download) for train in (True, False)]
+    except PermissionError:
+        raise
     except Exception as exc:  # torchvision raises many kinds: RuntimeError, OSError, pickle, ...
         if _missing(src, root):
             raise UserError(
