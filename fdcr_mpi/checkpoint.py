@@ -256,7 +256,7 @@ def write_checkpoint(
     tmp: Path | None = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        ensure_space(Path(run_dir), sum(a.nbytes for a in arrays.values()) + 4096 * len(arrays) + (1 << 20))
+        ensure_space(Path(run_dir), sum(a.nbytes for a in arrays.values()) + 4096 * len(arrays) + (64 << 10))
         tmp = create_temp(final.parent, f"{_TMP_PREFIX}{int(round):04d}.", _TMP_SUFFIX)
         _write_file(tmp, round, config_hash, arrays)
         os.replace(tmp, final)

@@ -79,8 +79,9 @@ FINAL_WINDOW = 5
 # No chunk cache: a row's data is written (or fails) inside the call that writes it, never
 # later when HDF5 evicts the cache or closes a dataset, where a failure cannot be handled.
 _NO_CACHE = {"rdcc_nbytes": 0}
-_METADATA_BYTES = 256 * 1024  # what one write may add to the file beyond its rows (headers, B-tree nodes)
+_METADATA_BYTES = 64 * 1024  # what one write may add to the file beyond new chunks (headers, B-tree nodes)
 _READ_ROWS_BYTES = 64 << 20  # verification reads big datasets in slices of about this size
+
 
 class RunFileWarning(UserWarning):
     """A run file was left out (of a report, figure or plan) because it cannot be read."""
@@ -310,14 +311,18 @@ class RunFile:
             raise UserError(f"{where}: {self.broken}") from exc
 
     def _row_bytes(self, group: h5py.Group, values: Mapping[str, np.ndarray], rows: int) -> int:
-        """At most how many bytes appending ``values`` adds: a new chunk per column, copies of widened ones."""
+        """At most how many bytes appending row ``rows`` adds: a chunk (and a B-tree entry) for
+        each new column and each column whose row starts a chunk, a copy of each widened column."""
         total = 0
         for name in {*group.keys(), *values}:
             shape = values[name].shape if name in values else group[name].shape[1:]
             row = 8 * int(np.prod(shape, dtype=np.int64))  # no column dtype is wider than 8 bytes
-            chunk = group[name].chunks[0] if name in group and group[name].chunks else _chunk_rows(shape, 8)
-            total += chunk * row + 4096
-            if name in group and name in values and _RANK.get(group[name].dtype, 2) < _RANK[values[name].dtype]:
+            old = group[name] if name in group else None
+            chunk = old.chunks[0] if old is not None and old.chunks else _chunk_rows(shape, 8)
+            widened = old is not None and name in values and _RANK.get(old.dtype, 2) < _RANK[values[name].dtype]
+            if old is None or widened or rows % chunk == 0:
+                total += chunk * row + 4096
+            if widened:
                 total += 2 * rows * row
         return total
 
@@ -399,7 +404,7 @@ class RunFile:
             rs.resize(n + 1, axis=0)
             rs[n] = int(round)
 
-        self._write("global weights", w.nbytes + 8 * 256 + 8192, write)
+        self._write("global weights", w.nbytes + 8 * 256 + 4096, write)
 
     def _truncate_global(self, last: int | None) -> None:
         """Drop /global rows of rounds after ``last`` (all of them when None)."""

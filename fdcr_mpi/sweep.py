@@ -561,14 +561,15 @@ def run_local(sweep: Sweep, *, jobs: int, ranks: int = 1, data_root: str | None 
     check_no_conflicts(sweep, run_states)
     todo = pending(sweep, run_states)
     total, done = len(sweep.runs), len(sweep.runs) - len(todo)
+    try:
+        if todo:
+            (sweep.root / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write the logs into {sweep.root / 'logs'}: {exc.strerror or exc}") from None
     console.print(f"sweep {sweep.name}: {total} runs, {done} already complete, {len(todo)} to run, "
                   f"{jobs} at a time; logs in {sweep.root / 'logs'}")
     if not todo:
         return 0
-    try:
-        (sweep.root / "logs").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write the logs into {sweep.root / 'logs'}: {exc.strerror or exc}") from None
     runner = LocalRunner(sweep, todo, jobs=jobs, ranks=ranks, data_root=data_root)
     try:
         _drive(runner, console, total, done)
