@@ -193,17 +193,19 @@ names = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)
 @given(labels=st.dictionaries(st.sampled_from(["seed", "data.root", "defense.name"]), names, max_size=3),
        roots=st.lists(st.one_of(names, st.sampled_from(["..", ".", "/", "../..", "/etc", "~"])), min_size=1,
                       max_size=3, unique=True))
-def test_every_run_directory_is_a_plain_child_of_the_root(tmp_path: Path, labels: dict, roots: list) -> None:
+def test_every_run_directory_is_a_plain_child_of_the_root(tmp_path: Path, labels: dict, roots: list, tally) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"name": "h", "out": str(tmp_path / "root"), "labels": labels,
                                     "axes": {"data.root": roots, "seed": [0]}}))
     try:
         sweep = load_sweep(path)
     except UserError as exc:
+        tally.record("random labels and values (hypothesis)", repr((labels, roots)), verdict(2, f"fdcr-mpi: error: {exc}"))
         assert "\n" not in str(exc)
         return
     for run in sweep.runs:
         assert run.out.parent == sweep.root and run.out.name not in (".", "..") and "/" not in run.out.name
+    tally.record("random labels and values (hypothesis)", repr((labels, roots)), "ok")
 
 
 # ----------------------------------------------------------------------------- sweep files
@@ -296,12 +298,14 @@ def within_limits(section: BaseModel) -> bool:
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(NUMERIC), extremes), min_size=1, max_size=3))
-def test_extreme_numbers_give_a_config_within_limits_or_one_sentence(items: list[tuple[str, str]]) -> None:
+def test_extreme_numbers_give_a_config_within_limits_or_one_sentence(items: list[tuple[str, str]], tally) -> None:
     try:
         config = load_config(None, [f"{k}={v}" for k, v in items])
     except UserError as exc:
+        tally.record("extreme numbers (hypothesis)", repr(items), verdict(2, f"fdcr-mpi: error: {exc}"))
         assert str(exc) and "\n" not in str(exc)
     else:
+        tally.record("extreme numbers (hypothesis)", repr(items), "ok")
         assert isinstance(config, BaseConfig) and within_limits(config)
 
 
