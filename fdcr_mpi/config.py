@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fdcr_mpi.errors import UserError, describe_validation_error
 
 MAX_ROUNDS = 1_000_000
+MAX_CLIENTS = 1_000_000  # the launch lists every client id before the data are read
 INT_LIMIT = 2**31 - 1  # every integer option, a defense's too, must fit a C int
 MAX_KEY_PARTS = 16  # no config key has more than 3 parts; deeper override keys are refused unparsed
 
@@ -38,7 +39,7 @@ class DataConfig(Section):
     dataset: Literal["cifar10", "mnist", "fmnist", "usps", "digits", "synthetic"] = "cifar10"
     root: str | None = None
     download: bool = False
-    num_clients: int = pydantic.Field(10, ge=1, le=1_000_000)  # the launcher lists every client id
+    num_clients: int = pydantic.Field(10, ge=1, le=MAX_CLIENTS)
     beta: float | Literal["iid"] = 0.5
     train_samples: int | None = pydantic.Field(None, ge=10)  # a seeded subset of the training set
     min_client_size: int = pydantic.Field(10, ge=1)

@@ -112,17 +112,14 @@ def find_run_files(dirs: Iterable[Path]) -> list[Path]:
     found: list[Path] = []
     for d in dirs:
         d = Path(d)
-        try:
-            if d.is_file() and d.name == RUN_FILE:
-                found.append(d)
-            elif (d / RUN_FILE).is_file():
-                found.append(d / RUN_FILE)
-            elif d.is_dir():
-                found += sorted(p for p in d.rglob(RUN_FILE) if "checkpoints" not in p.parts)
-            else:
-                raise UserError(f"{d} is neither a run directory nor a folder of runs")
-        except OSError as exc:
-            raise UserError(f"cannot look for runs in {d}: {exc.strerror or exc}") from None
+        if d.is_file() and d.name == RUN_FILE:
+            found.append(d)
+        elif (d / RUN_FILE).is_file():
+            found.append(d / RUN_FILE)
+        elif d.is_dir():
+            found += sorted(p for p in d.rglob(RUN_FILE) if "checkpoints" not in p.parts)
+        else:
+            raise UserError(f"{d} is neither a run directory nor a folder of runs")
     unique = sorted(set(p.resolve() for p in found))
     if not unique:
         raise UserError(f"no run files ({RUN_FILE}) in {', '.join(str(d) for d in dirs)}")
@@ -167,8 +164,12 @@ def load_records(dirs: Iterable[Path], partial: bool = False) -> tuple[list[RunR
     """
     from fdcr_mpi.store import RunFileWarning
 
+    try:
+        paths = find_run_files(dirs)
+    except OSError as exc:  # a folder that cannot be searched
+        raise UserError(f"cannot look for run files in {exc.filename}: {exc.strerror or exc}") from None
     records = []
-    for path in find_run_files(dirs):
+    for path in paths:
         try:
             records.append(load_record(path))
         except UserError as exc:

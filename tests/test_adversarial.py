@@ -297,7 +297,7 @@ def within_limits(section: BaseModel) -> bool:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(NUMERIC), extremes), min_size=1, max_size=3))
+@given(items=st.lists(st.tuples(st.sampled_from(NUMERIC), extremes), min_size=1, max_size=3))
 def test_extreme_numbers_give_a_config_within_limits_or_one_sentence(items: list[tuple[str, str]], tally) -> None:
     try:
         config = load_config(None, [f"{k}={v}" for k, v in items])
