@@ -18,8 +18,8 @@ import fcntl
 import hashlib
 import os
 import re
+import secrets
 import socket
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,7 +39,7 @@ _TMP_PREFIX = ".round_"
 _TMP_SUFFIX = ".h5.tmp"
 _GROUPS = ("rng", "defense", "extra")
 # What h5py/HDF5 raise on a damaged file; anything of these while reading means "corrupt".
-_UNREADABLE = (OSError, KeyError, ValueError, TypeError, RuntimeError)
+H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError)
 
 
 class CheckpointWarning(UserWarning):
@@ -49,16 +49,32 @@ class CheckpointWarning(UserWarning):
 # ----------------------------------------------------------------------------- file helpers
 
 
-def open_h5(path: str | os.PathLike[str], mode: str) -> h5py.File:
-    """``h5py.File`` without HDF5's own file locking.
+def open_h5(path: str | os.PathLike[str], mode: str, **options: object) -> h5py.File:
+    """``h5py.File`` without HDF5's own file locking (``options`` go to ``h5py.File``).
 
     The single writer is guaranteed by ``RunLock``; with HDF5 locking off, h5py/pandas can
     read a live run's file, and file systems without lock support (Lustre, some NFS) work.
     """
     try:
-        return h5py.File(path, mode, locking=False)
+        return h5py.File(path, mode, locking=False, **options)
     except (TypeError, ValueError):  # HDF5 built without the locking switch
-        return h5py.File(path, mode)
+        return h5py.File(path, mode, **options)
+
+
+def create_temp(folder: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file ``folder/<prefix><random><suffix>`` with the mode the umask allows.
+
+    (``tempfile.mkstemp`` makes 0600 files, which a group's project directory cannot read
+    once they are renamed into place.)
+    """
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name in {folder}")
 
 
 def fsync_path(path: Path) -> None:
@@ -76,6 +92,30 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+SPACE_PROBE = ".space-probe"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def ensure_space(folder: Path, nbytes: int) -> None:
+    """Raise ``OSError`` (ENOSPC, EDQUOT) unless ``nbytes`` can be allocated in ``folder`` now.
+
+    HDF5 must never meet a full disk: after a failed write its handle cannot be closed cleanly
+    (tracebacks, then a segfault at exit) and the file may be left unreadable. So each write
+    first allocates its size in a hidden probe file (this sees quotas, unlike statvfs), then
+    frees it for HDF5. A file system without ``fallocate`` support is not checked.
+    """
+    probe = folder / SPACE_PROBE
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        os.posix_fallocate(fd, 0, max(1, int(nbytes)))
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise
+    finally:
+        os.close(fd)
+        _remove_quietly(probe)
 
 
 def reason(exc: BaseException) -> str:
@@ -142,11 +182,20 @@ def checkpoint_path(run_dir: str | os.PathLike[str], round_: int) -> Path:
 
 
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """(round, path) of every checkpoint under its final name, oldest first (temp files ignored)."""
+    """(round, path) of every checkpoint under its final name, oldest first (temp files ignored).
+
+    A ``checkpoints`` that is not a folder, or cannot be listed, is a UserError: taking it for
+    "no checkpoint" would start the run over and cut its rows.
+    """
     folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    try:
+        if not folder.exists():
+            return []
+        if not folder.is_dir():
+            raise UserError(f"{folder} is not a folder; move it away so that checkpoints can be written there")
+        found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    except OSError as exc:
+        raise UserError(f"could not list the checkpoints in {folder}: {reason(exc)}") from None
     return sorted(found)
 
 
@@ -207,14 +256,13 @@ def write_checkpoint(
     tmp: Path | None = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{int(round):04d}.", suffix=_TMP_SUFFIX, dir=final.parent)
-        os.close(fd)
-        tmp = Path(name)
+        ensure_space(Path(run_dir), sum(a.nbytes for a in arrays.values()) + 4096 * len(arrays) + (64 << 10))
+        tmp = create_temp(final.parent, f"{_TMP_PREFIX}{int(round):04d}.", _TMP_SUFFIX)
         _write_file(tmp, round, config_hash, arrays)
         os.replace(tmp, final)
         tmp = None
         fsync_path(final.parent)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # HDF5 reports a failed write as RuntimeError
         raise UserError(f"could not write checkpoint {final}: {reason(exc)}") from exc
     finally:
         if tmp is not None:
@@ -264,7 +312,7 @@ def _read_checkpoint(path: Path) -> Checkpoint:
             stored = str(f.attrs["checksum"])
             weights = np.asarray(f["weights"][()])
             parts = {g: _read_group(f[g]) if g in f else {} for g in _GROUPS}
-    except _UNREADABLE as exc:
+    except H5_ERRORS as exc:
         raise _Corrupt(f"unreadable ({reason(exc)})") from exc
     arrays = {"weights": weights}
     arrays.update({f"{g}/{k}": v for g, d in parts.items() for k, v in d.items()})

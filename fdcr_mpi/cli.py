@@ -1,7 +1,9 @@
 """``fdcr-mpi``: run | resume | inspect | list. ``python -m fdcr_mpi`` is the same program.
 
 Every user error ends in one sentence on stderr (printed by rank 0 only) and exit code 2;
-a run stopped by SIGTERM/SIGUSR1 exits 75 after leaving a resumable checkpoint.
+a run stopped by SIGTERM/SIGUSR1 exits 75 after leaving a resumable checkpoint. Warnings are
+one line each (``fdcr-mpi: warning: ...``); output into a closed pipe (``| head``) ends the
+command quietly with exit code 141, as SIGPIPE would.
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fdcr_mpi import __version__
 from fdcr_mpi.errors import Preempted, UserError
 
+if TYPE_CHECKING:
+    from fdcr_mpi.config import BaseConfig
+
 NUMERICS_HELP = ("continue a run on a machine whose numerics differ from its first rounds' (device, GPU, torch, "
                  "CPU vector instructions, client threads); the run file records it")
 RANK_ENV_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: what `cmd | head` gives a program that SIGPIPE ends
 
 
 def env_rank() -> int:
@@ -95,6 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if args.sweep is None or args.index is None:
             raise UserError("--sweep and --index go together: fdcr-mpi run --sweep FILE --index I")
+        if path is not None:
+            raise UserError(f"fdcr-mpi run --sweep takes no config file ({path}): the sweep file names its base "
+                            "config; only key=value overrides may follow")
         path, sweep_overrides, sweep_out = sweep_run(args.sweep, args.index)
         overrides = [*sweep_overrides, *overrides]
         args.out = args.out or sweep_out
@@ -113,21 +123,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from fdcr_mpi.config import from_yaml
     from fdcr_mpi.runtime.driver import RUN_FILE, execute
-    from fdcr_mpi.store import read_summary
 
-    def stored_config():  # read by rank 0 alone, which shares it with the other ranks
+    def stored_config() -> BaseConfig:  # read by rank 0 alone, which shares it with the other ranks
         path = args.dir / RUN_FILE
         if not path.is_file():
             raise UserError(f"{args.dir} holds no run to resume (no {RUN_FILE})")
-        config = from_yaml(read_summary(path)["config"])
+        config = stored_run_config(path)
         if args.data_root:
             config.data.root = args.data_root
         return config
 
     return execute(stored_config, args.dir, transport_kind=args.transport, quiet=args.quiet,
                    allow_numerics_change=args.allow_numerics_change)
+
+
+def stored_run_config(path: Path) -> BaseConfig:
+    """The config a run file holds, checked against the hash stored beside it."""
+    from fdcr_mpi.config import config_hash, from_yaml
+    from fdcr_mpi.store import read_summary
+
+    summary = read_summary(path)
+    try:
+        config = from_yaml(summary["config"])
+    except UserError as exc:
+        raise UserError(f"the config stored in {path} is not valid ({exc}); the file is damaged or was "
+                        "written by another version of fdcr-mpi") from None
+    if config_hash(config) != summary["config_hash"]:
+        raise UserError(f"the config stored in {path} does not match the hash stored with it; the file is "
+                        "damaged or was written by another version of fdcr-mpi")
+    return config
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -186,7 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.items = [*args.items, *extra]  # overrides may follow the options
     try:
-        return dispatch(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            code = dispatch(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # what is still buffered goes nowhere, silently
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT
     except UserError as exc:
         if env_rank() == 0:
             print(f"fdcr-mpi: error: {exc}", file=sys.stderr, flush=True)
@@ -197,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: object = None, line: str | None = None) -> None:
+    """Warnings as one line on stderr (rank 0 only), without the source line Python adds."""
+    if env_rank() == 0:
+        text = str(message).strip().splitlines()
+        sys.stderr.write(f"fdcr-mpi: warning: {text[0] if text else category.__name__}\n")
 
 
 def entry() -> None:

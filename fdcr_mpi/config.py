@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fdcr_mpi.errors import UserError, describe_validation_error
+
+MAX_ROUNDS = 1_000_000
+MAX_CLIENTS = 1_000_000  # the launch lists every client id before the data are read
+INT_LIMIT = 2**31 - 1  # every integer option, a defense's too, must fit a C int
+MAX_KEY_PARTS = 16  # no config key has more than 3 parts; deeper override keys are refused unparsed
 
 
 class Section(pydantic.BaseModel):
@@ -36,7 +42,7 @@ class DataConfig(Section):
     mirror: str | None = None
     """Where data.download fetches from instead of torchvision's servers: a URL (https://,
     file://) of a folder with the same files (a site's own copy)."""
-    num_clients: int = pydantic.Field(10, ge=1)
+    num_clients: int = pydantic.Field(10, ge=1, le=MAX_CLIENTS)
     beta: float | Literal["iid"] = 0.5
     train_samples: int | None = pydantic.Field(None, ge=10)  # a seeded subset of the training set
     min_client_size: int = pydantic.Field(10, ge=1)
@@ -187,8 +193,8 @@ class RuntimeConfig(Section):
 class BaseConfig(Section):
     plugins: list[str] = []
     """Modules (or .py files) of the user's own defenses and attacks, imported first (fdcr_mpi.plugins)."""
-    seed: int = 0
-    rounds: int = pydantic.Field(50, ge=1)
+    seed: int = pydantic.Field(0, ge=0)
+    rounds: int = pydantic.Field(50, ge=1, le=MAX_ROUNDS)
     clients_per_round: int | None = pydantic.Field(None, ge=1)
     """Partial participation: this many clients, drawn afresh each round (seeded); null: all."""
     data: DataConfig = DataConfig()
@@ -220,7 +226,7 @@ def _load_yaml(path: str | Path) -> Any:
         raise UserError(f"config file {path} does not exist")
     try:
         return OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, OSError) as exc:
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, OSError, RecursionError) as exc:
         reason = str(exc).splitlines()[0]
         raise UserError(f"config file {path} is not a valid YAML mapping: {reason}") from None
 
@@ -229,6 +235,10 @@ def _parse_overrides(overrides: list[str]) -> Any:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise UserError(f"override {item!r} is not of the form key.sub=value")
+        key = item.split("=", 1)[0]
+        if key.count(".") >= MAX_KEY_PARTS:
+            raise UserError(f"override key '{key[:40]}...' has {key.count('.') + 1} parts; "
+                            "no config key has more than 3 (section.sub.key)")
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except (OmegaConfBaseException, yaml.YAMLError, TypeError, ValueError) as exc:
@@ -251,8 +261,28 @@ def validate(data: Any) -> BaseConfig:
         config = _schema().model_validate(data)
     except pydantic.ValidationError as exc:
         raise UserError(describe_validation_error(exc)) from None
+    except RecursionError:
+        raise UserError("the config is nested too deeply to be a config") from None
+    _check_numbers(config)
     _check_consistency(config)
     return config
+
+
+def _check_numbers(section: pydantic.BaseModel, prefix: str = "") -> None:
+    """Every float finite, every integer within a C int, every seed 0 or more (defense sections too)."""
+    for name in type(section).model_fields:
+        value, key = getattr(section, name), f"{prefix}{name}"
+        if isinstance(value, pydantic.BaseModel):
+            _check_numbers(value, f"{key}.")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"config key '{key}' has the invalid value {value!r}: it must be a finite number")
+        elif isinstance(value, int) and not -INT_LIMIT <= value <= INT_LIMIT:
+            raise UserError(f"config key '{key}' has the invalid value {value}: it must lie between "
+                            f"{-INT_LIMIT} and {INT_LIMIT}")
+        elif name == "seed" and value < 0:
+            raise UserError(f"config key '{key}' has the invalid value {value}: a seed must be 0 or more")
 
 
 def _check_consistency(config: BaseConfig) -> None:
@@ -326,7 +356,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise UserError(f"config file {path} must be a mapping of sections (data:, attack:, ...)")
     try:
         merged = OmegaConf.to_container(OmegaConf.merge(*parts), resolve=True)
-    except (OmegaConfBaseException, TypeError, ValueError) as exc:
+    except (OmegaConfBaseException, TypeError, ValueError, RecursionError) as exc:
         raise UserError(f"could not merge the config: {str(exc).splitlines()[0]}") from None
     return validate(merged)
 
@@ -337,8 +367,12 @@ def to_yaml(config: BaseConfig) -> str:
 
 
 def from_yaml(text: str) -> BaseConfig:
-    """Inverse of ``to_yaml``."""
-    return validate(yaml.safe_load(text))
+    """Inverse of ``to_yaml``; text that is not YAML is a UserError."""
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise UserError(f"the config text is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return validate(data)
 
 
 HASH_NEUTRAL: dict[str, Any] = {

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fdcr_mpi.errors import UserError
 from fdcr_mpi.report import (
     METHODS,
     ROW_KEY,
@@ -189,7 +190,10 @@ def _fig2_record(cell: Cell | None) -> RunRecord | None:
 def plot_dirs(dirs: Sequence[Path], out: Path, *, partial: bool = False) -> list[Path]:
     """Read the run files below ``dirs`` and write the figures into ``out``; returns their paths."""
     counted, _ = load_records(dirs, partial=partial)
-    return plot_layout(build_layout(counted), out)
+    try:
+        return plot_layout(build_layout(counted), out)
+    except OSError as exc:
+        raise UserError(f"cannot write the figures into {out}: {exc.strerror or exc}") from None
 
 
 __all__ = ["figure2", "figure3", "plot_dirs", "plot_layout", "ROW_KEY"]

@@ -18,13 +18,13 @@ import functools
 import io
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.reference import LABELS, Table, packaged, paper_figures, read_table
@@ -65,6 +65,13 @@ class RunRecord:
     @property
     def name(self) -> str:
         return self.path.parent.name
+
+    @property
+    def complete(self) -> bool:
+        """Status ``complete`` with every round of its config present."""
+        rows = len(self.rounds["round"]) if "round" in self.rounds else 0
+        planned = self.config.get("rounds")
+        return self.status == "complete" and not (isinstance(planned, int) and rows < planned)
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -128,31 +135,49 @@ def _text(value: Any) -> str:
 
 
 def load_record(path: Path) -> RunRecord:
-    """Read one run file: config, status, every round column, ground truth, final A/R/V."""
-    from fdcr_mpi.checkpoint import open_h5
-    from fdcr_mpi.metrics import final_figure, paper_columns
-    from fdcr_mpi.store import read_rounds
+    """Read one run file: config, status, every round column, ground truth, final A/R/V.
 
-    try:
-        with open_h5(path, "r") as f:
-            text = f.attrs.get("config", "")
-            status = f.attrs.get("status", "running")
-            malicious = f["clients/malicious"][()] if "clients/malicious" in f else np.zeros(0, bool)
-    except OSError as exc:
-        raise UserError(f"could not read {path}: {exc}") from None
-    config = own_options({**defaults(), **flatten(yaml.safe_load(_text(text)) or {})})  # newer keys: defaults
+    A damaged file (unreadable objects, config text or figures) is a UserError.
+    """
+    from fdcr_mpi.metrics import final_figure, paper_columns
+    from fdcr_mpi.store import read_rounds, reading, stored_config
+
+    with reading(path) as f:
+        stored = stored_config(f)
+        status = f.attrs.get("status", "running")
+        malicious = f["clients/malicious"][()] if "clients/malicious" in f else np.zeros(0, bool)
     rounds = read_rounds(path)
     rounds.update(paper_columns(rounds))  # R_paper, V_paper (derived in run files older than them)
-    last = final_window(config)
-    final = {m: final_figure(rounds[m], last) if m in rounds else math.nan for m in METRICS}
-    return RunRecord(Path(path), _text(status), config, rounds, np.asarray(malicious, bool), final)
+    try:
+        config = own_options({**defaults(), **flatten(stored)})  # newer keys: defaults
+        last = final_window(config)
+        final = {m: final_figure(rounds[m], last) if m in rounds else math.nan for m in METRICS}
+        return RunRecord(Path(path), _text(status), config, rounds, np.asarray(malicious, bool), final)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise UserError(f"could not read {path}: it is unreadable or corrupt ({exc})") from None
 
 
 def load_records(dirs: Iterable[Path], partial: bool = False) -> tuple[list[RunRecord], list[RunRecord]]:
-    """(runs counted, runs left out because they are unfinished) from the run files in ``dirs``."""
-    records = [load_record(p) for p in find_run_files(dirs)]
-    counted = [r for r in records if r.status == "complete" or (partial and r.rounds.get("round") is not None
-                                                                and len(r.rounds["round"]) > 0)]
+    """(runs counted, runs left out because they are unfinished) from the run files in ``dirs``.
+
+    A run file that cannot be read is left out with a warning (one damaged run does not stop a report).
+    """
+    from fdcr_mpi.store import RunFileWarning
+
+    try:
+        paths = find_run_files(dirs)
+    except OSError as exc:  # a folder that cannot be searched
+        raise UserError(f"cannot look for run files in {exc.filename}: {exc.strerror or exc}") from None
+    records = []
+    for path in paths:
+        try:
+            records.append(load_record(path))
+        except UserError as exc:
+            warnings.warn(f"left out: {exc}", RunFileWarning, stacklevel=2)
+    if not records:
+        raise UserError(f"none of the run files in {', '.join(str(d) for d in dirs)} can be read")
+    counted = [r for r in records if r.complete or (partial and r.rounds.get("round") is not None
+                                                     and len(r.rounds["round"]) > 0)]
     left = [r for r in records if r not in counted]
     if not counted:
         raise UserError(f"none of the {len(records)} runs found is complete (use --partial to count unfinished runs)")
@@ -484,11 +509,14 @@ def write_report(dirs: Sequence[Path], out: Path, *, reference: Path | None = No
                  partial: bool = False) -> list[Path]:
     """Write table4.md, table4.csv and table4.tex into ``out``; returns their paths."""
     report = build_report(dirs, reference=reference, partial=partial)
-    out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, text in (("table4.md", markdown(report)), ("table4.csv", csv_text(report)),
-                       ("table4.tex", latex(report))):
-        path = out / name
-        path.write_text(text)
-        paths.append(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in (("table4.md", markdown(report)), ("table4.csv", csv_text(report)),
+                           ("table4.tex", latex(report))):
+            path = out / name
+            path.write_text(text)
+            paths.append(path)
+    except OSError as exc:
+        raise UserError(f"cannot write the report into {out}: {exc.strerror or exc}") from None
     return paths

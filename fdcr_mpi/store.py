@@ -10,16 +10,21 @@ Layout (see docs/RUNFILE.md)::
       /global/weights (n, D) float32 and /global/round (n,) int64, when saved
 
 Rows are flushed and fsynced after every round, so a preempted job leaves a readable file.
+Every write first makes sure the disk can take it (``checkpoint.ensure_space``): a full disk
+or quota ends in one sentence and leaves the rounds written so far readable. Opening a run to
+continue it reads every object (a damaged file is one sentence, never a crash later) and
+rewrites it into a fresh file, so new rows never land in damaged structures.
 Checkpoints and the run lock live in ``fdcr_mpi.checkpoint`` and are re-exported here.
 Only rank 0 calls this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -27,12 +32,16 @@ from typing import Any
 
 import h5py
 import numpy as np
+import yaml
 
 from fdcr_mpi.checkpoint import (
+    H5_ERRORS,
     Checkpoint,
     CheckpointWarning,
     RunLock,
     checkpoint_path,
+    create_temp,
+    ensure_space,
     fsync_path,
     list_checkpoints,
     load_latest_checkpoint,
@@ -48,6 +57,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointWarning",
     "RunFile",
+    "RunFileWarning",
     "RunLock",
     "checkpoint_path",
     "format_summary",
@@ -55,6 +65,9 @@ __all__ = [
     "load_latest_checkpoint",
     "read_rounds",
     "read_summary",
+    "reading",
+    "stored_config",
+    "stored_status",
     "write_checkpoint",
 ]
 
@@ -63,6 +76,16 @@ FORMAT = "fdcr_mpi.run"
 FORMAT_VERSION = 1
 STATUSES = ("running", "complete", "failed", "preempted")
 FINAL_WINDOW = 5
+# No chunk cache: a row's data is written (or fails) inside the call that writes it, never
+# later when HDF5 evicts the cache or closes a dataset, where a failure cannot be handled.
+_NO_CACHE = {"rdcc_nbytes": 0}
+_METADATA_BYTES = 64 * 1024  # what one write may add to the file beyond new chunks (headers, B-tree nodes)
+_READ_ROWS_BYTES = 64 << 20  # verification reads big datasets in slices of about this size
+
+
+class RunFileWarning(UserWarning):
+    """A run file was left out (of a report, figure or plan) because it cannot be read."""
+
 
 # Column dtypes, in promotion order.
 _BOOL, _INT, _FLOAT = np.dtype(bool), np.dtype(np.int64), np.dtype(np.float64)
@@ -115,6 +138,8 @@ class RunFile:
     def __init__(self, path: Path, file: h5py.File) -> None:
         self.path = path
         self.file = file
+        self.broken: str | None = None  # why a write failed: HDF5 cannot go on after that
+        self.planned_rounds = _planned_rounds(file)
 
     # ------------------------------------------------------------------ create / open
 
@@ -156,44 +181,52 @@ class RunFile:
             "num_clients": int(num_clients),
             "num_params": int(num_params),
         }
-        tmp: Path | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            tmp = Path(name)
-            _write_new(tmp, attrs, clients)
-            os.replace(tmp, path)
-            tmp = None
-            fsync_path(path.parent)
-        except OSError as exc:
+            size = sum(a.nbytes for a in clients.values()) + len(config_yaml) + _METADATA_BYTES
+            _write_atomically(path, lambda tmp: _write_new(tmp, attrs, clients), size)
+        except (OSError, RuntimeError) as exc:
             raise UserError(f"could not create {path}: {reason(exc)}") from exc
-        finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-        return cls.open(path, config_hash)
+        return cls._attach(path)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], config_hash: str | None = None) -> RunFile:
-        """Open an existing run file for appending; UserError if unreadable or of another config."""
+        """Open an existing run file for appending; UserError if damaged or of another config.
+
+        Every attribute and dataset is read first (a damaged file is one sentence here, not a
+        crash in a later write); then the file is rewritten into a fresh one and opened.
+        """
         path = Path(path)
         if not path.is_file():
             raise UserError(f"there is no run file {path}")
-        try:
-            file = open_h5(path, "r+")
-        except OSError as exc:
-            raise UserError(f"could not open {path}: it is unreadable or corrupt ({reason(exc)})") from exc
-        try:
+        with reading(path) as file:
             stored = _stored_hash(path, file)
             if config_hash is not None and stored != config_hash:
                 raise UserError(
                     f"{path.name} in {path.parent} belongs to another config (hash {stored}); "
                     "use a new --out directory or the same config"
                 )
-            run = cls(path, file)
+            _verify(file)
+        try:
+            _write_atomically(path, lambda tmp: _copy_file(path, tmp), path.stat().st_size + _METADATA_BYTES)
+        except H5_ERRORS as exc:
+            if isinstance(exc, OSError) and exc.errno:  # the disk, not the file
+                raise UserError(f"could not rewrite {path} to continue the run: {reason(exc)}") from exc
+            raise UserError(f"could not read {path}: it is unreadable or corrupt ({reason(exc)})") from exc
+        return cls._attach(path)
+
+    @classmethod
+    def _attach(cls, path: Path) -> RunFile:
+        """Open a checked run file for appending (cutting a partly written round)."""
+        try:
+            file = open_h5(path, "r+", **_NO_CACHE)
+        except (OSError, RuntimeError) as exc:
+            raise UserError(f"could not open {path}: it is unreadable or corrupt ({reason(exc)})") from exc
+        run = cls(path, file)
+        try:
             run._repair()
         except BaseException:
-            file.close()
+            run.close()
             raise
         return run
 
@@ -230,25 +263,68 @@ class RunFile:
             values["round"] = np.asarray(0 if last is None else last + 1, dtype=_INT)
         self._check_row(values)
         group, n = self._rounds(), self.rounds_done()
-        try:
+
+        def write() -> None:
+            if self.complete:  # rounds added to a complete run: it is not complete until they are all in
+                self.file.attrs["status"] = "running"
             for name, value in values.items():
                 self._prepare_column(group, name, value, n)
-            for name, ds in group.items():
+            # ``round`` last: a write that fails part-way leaves it a row short, and opening cuts the row
+            for name in sorted(group, key=lambda name: name == "round"):
+                ds = group[name]
                 ds.resize(n + 1, axis=0)
                 # explicit fill: a chunk cut by truncate_rounds may still hold the old row
                 ds[n] = values[name].astype(ds.dtype, copy=False) if name in values else _fill(ds.dtype)
             self.file.attrs["updated"] = _now()
-            self.flush()
-        except OSError as exc:
-            raise UserError(f"could not write round to {self.path}: {reason(exc)}") from exc
+
+        self._write("round", self._row_bytes(group, values, n), write)
 
     def set_last(self, name: str, value: float) -> None:
         """Overwrite column ``name`` of the newest row (e.g. a duration known only after the append)."""
+        column, row = self._rounds()[name], self.rounds_done() - 1
+
+        def write() -> None:
+            column[row] = value
+
+        self._write("round", 0, write)
+
+    def _write(self, what: str, nbytes: int, write: Callable[[], None]) -> None:
+        """Run ``write`` (HDF5 writes of about ``nbytes`` new bytes), then flush and fsync.
+
+        The space is allocated first (``ensure_space``, which sees quotas too), so HDF5 does not
+        meet a full disk; a refusal writes nothing and leaves the file as it was. Should HDF5
+        fail anyway, the file is marked broken and no further write is tried: HDF5 cannot
+        continue after a failed write.
+        """
+        where = f"could not write {what} to {self.path}"
+        if self.broken is not None:
+            raise UserError(f"{where}: an earlier write failed ({self.broken})")
         try:
-            self._rounds()[name][self.rounds_done() - 1] = value
-            self.flush()
+            ensure_space(self.path.parent, nbytes + _METADATA_BYTES)
         except OSError as exc:
-            raise UserError(f"could not write round to {self.path}: {reason(exc)}") from exc
+            raise UserError(f"{where}: {reason(exc)} (it keeps the {self.rounds_done()} rounds written so far)") from exc
+        try:
+            write()
+            self.flush()
+        except H5_ERRORS as exc:
+            self.broken = reason(exc)
+            raise UserError(f"{where}: {self.broken}") from exc
+
+    def _row_bytes(self, group: h5py.Group, values: Mapping[str, np.ndarray], rows: int) -> int:
+        """At most how many bytes appending row ``rows`` adds: a chunk (and a B-tree entry) for
+        each new column and each column whose row starts a chunk, a copy of each widened column."""
+        total = 0
+        for name in {*group.keys(), *values}:
+            shape = values[name].shape if name in values else group[name].shape[1:]
+            row = 8 * int(np.prod(shape, dtype=np.int64))  # no column dtype is wider than 8 bytes
+            old = group[name] if name in group else None
+            chunk = old.chunks[0] if old is not None and old.chunks else _chunk_rows(shape, 8)
+            widened = old is not None and name in values and _RANK.get(old.dtype, 2) < _RANK[values[name].dtype]
+            if old is None or widened or rows % chunk == 0:
+                total += chunk * row + 4096
+            if widened:
+                total += 2 * rows * row
+        return total
 
     def _check_row(self, values: dict[str, np.ndarray]) -> None:
         """ValueError before anything is written: bad names, shapes that differ from the column."""
@@ -277,14 +353,26 @@ class RunFile:
         _extendable(group, name, rows, value.shape, value.dtype)[:rows] = data
 
     def truncate_rounds(self, n: int) -> None:
-        """Keep the first ``n`` rows of every /rounds column (and /global rows up to that round)."""
+        """Keep the first ``n`` rows of every /rounds column (and /global rows up to that round).
+
+        The rows of a complete run are never cut: that is a UserError (its checkpoints are gone).
+        """
         if n < 0:
             raise ValueError(f"cannot truncate to {n} rows")
-        for ds in self._rounds().values():
-            if ds.shape[0] > n:
-                ds.resize(n, axis=0)
-        self._truncate_global(self.last_round())
-        self.flush()
+        done = self.rounds_done()
+        if n < done and self.complete:
+            raise UserError(
+                f"the run in {self.path.parent} is complete ({done} rounds) but has no checkpoint of its last "
+                f"round to resume from; its rows are left as they are (fdcr-mpi inspect {self.path.parent} shows them)"
+            )
+
+        def write() -> None:
+            for ds in self._rounds().values():
+                if ds.shape[0] > n:
+                    ds.resize(n, axis=0)
+            self._truncate_global(self.last_round())
+
+        self._write("rounds", 0, write)
 
     def truncate_after(self, round_: int) -> None:
         """Drop every row whose ``round`` is greater than ``round_`` (resume from that checkpoint)."""
@@ -309,14 +397,14 @@ class RunFile:
         if ws.shape[1] != w.size:
             raise ValueError(f"global weights have {ws.shape[1]} parameters, got {w.size}")
         n = min(ws.shape[0], rs.shape[0])
-        try:
+
+        def write() -> None:  # the round last, as in append_round
             ws.resize(n + 1, axis=0)
-            rs.resize(n + 1, axis=0)
             ws[n] = w
+            rs.resize(n + 1, axis=0)
             rs[n] = int(round)
-            self.flush()
-        except OSError as exc:
-            raise UserError(f"could not write global weights to {self.path}: {reason(exc)}") from exc
+
+        self._write("global weights", w.nbytes + 8 * 256 + 4096, write)
 
     def _truncate_global(self, last: int | None) -> None:
         """Drop /global rows of rounds after ``last`` (all of them when None)."""
@@ -340,12 +428,22 @@ class RunFile:
 
     def set_attr(self, name: str, value: Any) -> None:
         """Set a root attribute (e.g. ``final_sha256``) and flush."""
-        try:
+
+        def write() -> None:
             self.file.attrs[name] = value
             self.file.attrs["updated"] = _now()
-            self.flush()
-        except OSError as exc:
-            raise UserError(f"could not write to {self.path}: {reason(exc)}") from exc
+
+        self._write(f"the attribute {name}", 0, write)
+
+    @property
+    def status(self) -> str:
+        return _text(self.file.attrs.get("status", "running"))
+
+    @property
+    def complete(self) -> bool:
+        """Status ``complete`` and (where the stored config says) every planned round present."""
+        planned = self.planned_rounds
+        return self.status == "complete" and (planned is None or self.rounds_done() >= planned)
 
     def partition(self) -> list[np.ndarray]:
         """The per-client sample indices stored at creation."""
@@ -359,28 +457,43 @@ class RunFile:
             os.fsync(handle)
 
     def close(self) -> None:
-        """Flush and close (idempotent)."""
-        if self.file.id.valid:
-            try:
-                self.flush()
-            finally:
+        """Flush and close (idempotent); after a failed write, close without another write."""
+        if not self.file.id.valid:
+            return
+        if self.broken is not None:
+            with contextlib.suppress(*H5_ERRORS):
                 self.file.close()
+            return
+        try:
+            self.flush()
+        finally:
+            self.file.close()
 
     def _repair(self) -> None:
-        """Cut columns to a common length (a job killed inside ``append_round`` leaves them uneven)."""
-        group = self._rounds()
-        n = self.rounds_done()
-        uneven = [ds for ds in group.values() if ds.shape[0] != n]
-        for ds in uneven:
-            ds.resize(n, axis=0)
+        """Cut columns to a common length (a job killed inside ``append_round`` leaves them uneven,
+        or its last ``round`` unwritten); a run that says ``complete`` with fewer rounds than
+        planned says ``running`` again."""
+        n = _complete_rows(self._rounds())
+        uneven = [ds for ds in self._rounds().values() if ds.shape[0] != n]
+        cut_short = self.status == "complete" and self.planned_rounds is not None and n < self.planned_rounds
+
+        def write() -> None:
+            for ds in uneven:
+                ds.resize(n, axis=0)
+            if "global" in self.file:
+                glob = self.file["global"]
+                m = _complete_rows(glob)
+                for ds in glob.values():
+                    ds.resize(m, axis=0)
+            if cut_short:
+                self.file.attrs["status"] = "running"
+
+        self._write("the repaired rounds", 0, write)
         if uneven:
             warnings.warn(f"{self.path}: cut a partly written round (kept {n} rounds)", RuntimeWarning, stacklevel=3)
-        if "global" in self.file:
-            glob = self.file["global"]
-            m = min((ds.shape[0] for ds in glob.values()), default=0)
-            for ds in glob.values():
-                ds.resize(m, axis=0)
-        self.flush()
+        if cut_short:
+            warnings.warn(f"{self.path} said complete with {n} of {self.planned_rounds} rounds; it is running again",
+                          RuntimeWarning, stacklevel=3)
 
     def __enter__(self) -> RunFile:
         return self
@@ -389,6 +502,14 @@ class RunFile:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _complete_rows(group: h5py.Group) -> int:
+    """The rows every dataset of ``group`` holds, less a last one whose ``round`` was never written."""
+    n = min((ds.shape[0] for ds in group.values()), default=0)
+    if n and "round" in group and group["round"][n - 1] == _fill(_INT):
+        n -= 1
+    return n
 
 
 # ----------------------------------------------------------------------------- creation helpers
@@ -411,14 +532,61 @@ def _clients_arrays(
 
 
 def _write_new(tmp: Path, attrs: dict[str, Any], clients: dict[str, np.ndarray]) -> None:
-    """Write a fresh run file at ``tmp`` and fsync it."""
+    """Write a fresh run file at ``tmp``."""
     with open_h5(tmp, "w") as f:
         f.attrs.update(attrs)
         group = f.create_group("clients")
         for name, arr in clients.items():
             group.create_dataset(name, data=arr)
         f.create_group("rounds")
-    fsync_path(tmp)
+
+
+def _copy_file(source: Path, tmp: Path) -> None:
+    """Copy every attribute, group and dataset of the run file ``source`` into a fresh file at
+    ``tmp``, through numpy: HDF5's own object copy can crash on a damaged header that reading
+    survives."""
+    with open_h5(source, "r") as src, open_h5(tmp, "w") as dst:
+        _copy_group(src, dst, set())
+    shutil.copymode(source, tmp)
+
+
+def _copy_group(src: h5py.Group, dst: h5py.Group, seen: set[int]) -> None:
+    """Copy ``src``'s attributes and members into ``dst`` (an object reached twice is copied once)."""
+    for key, value in src.attrs.items():
+        dst.attrs[key] = value
+    for name, obj in src.items():
+        address = h5py.h5o.get_info(obj.id).addr
+        if address in seen:
+            continue
+        seen.add(address)
+        if isinstance(obj, h5py.Group):
+            _copy_group(obj, dst.create_group(name), seen)
+        elif isinstance(obj, h5py.Dataset):
+            copy = dst.create_dataset(name, shape=obj.shape, dtype=obj.dtype, maxshape=obj.maxshape,
+                                      chunks=obj.chunks, fillvalue=obj.fillvalue)
+            for rows in _row_slices(obj):
+                copy[rows] = obj[rows]
+            for key, value in obj.attrs.items():
+                copy.attrs[key] = value
+
+
+def _write_atomically(path: Path, fill: Callable[[Path], None], nbytes: int) -> None:
+    """Write ``path`` through ``fill(tmp)`` on a temporary file beside it, fsync, rename.
+
+    The disk must first hold ``nbytes`` (``ensure_space``); on any failure the temporary file
+    is removed and ``path`` is as it was.
+    """
+    ensure_space(path.parent, nbytes)
+    tmp: Path | None = create_temp(path.parent, f".{path.name}.", ".tmp")
+    try:
+        fill(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        tmp = None
+        fsync_path(path.parent)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _split_partition(clients: h5py.Group) -> list[np.ndarray]:
@@ -430,7 +598,83 @@ def _split_partition(clients: h5py.Group) -> list[np.ndarray]:
 def _stored_hash(path: Path, file: h5py.File) -> str:
     if "config_hash" not in file.attrs:
         raise UserError(f"{path} is not an fdcr_mpi run file (it has no config_hash attribute)")
-    return str(file.attrs["config_hash"])
+    return _text(file.attrs["config_hash"])
+
+
+def _text(value: Any) -> str:
+    """An HDF5 string attribute as str (h5py may give bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def stored_config(file: h5py.File) -> dict[str, Any]:
+    """The config stored in a run file, as a mapping; ValueError if its text is damaged."""
+    try:
+        config = yaml.safe_load(_text(file.attrs.get("config", "")))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"its config text is damaged: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise ValueError("its config text is damaged (not a mapping)")
+    return config
+
+
+def _planned_rounds(file: h5py.File) -> int | None:
+    """``rounds`` of the stored config (None when it has none)."""
+    with contextlib.suppress(ValueError):
+        rounds = stored_config(file).get("rounds")
+        return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else None
+    return None
+
+
+def _verify(file: h5py.File) -> None:
+    """Read every attribute and dataset of a run file (raising what HDF5 raises on damage) and
+    check its layout: the config text, K entries per client column, the partition offsets."""
+    stored_config(file)
+    objects: list[tuple[str, Any]] = [("", file)]
+    file.visititems(lambda name, obj: objects.append((name, obj)))
+    for name, obj in objects:
+        for key in obj.attrs:
+            obj.attrs[key]
+        if isinstance(obj, h5py.Dataset):
+            if obj.dtype.kind not in "biuf" or obj.dtype.metadata:  # a damaged type reads as an odd enum
+                raise ValueError(f"{name or '/'} has the type {obj.dtype}, not a number or bool")
+            _read_all(obj)
+            if name.startswith("rounds/") and obj.ndim == 0:
+                raise ValueError(f"round column {name} has no rows")
+    k = int(file.attrs["num_clients"])
+    clients = file["clients"]
+    offsets = clients["partition_offsets"][()]
+    if clients["sizes"].shape != (k,) or clients["malicious"].shape != (k,) or offsets.shape != (k + 1,):
+        raise ValueError(f"the client arrays do not hold {k} clients")
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != clients["partition_indices"].shape[0]:
+        raise ValueError("the partition offsets are damaged")
+
+
+def _check_sizes(file: h5py.File, size: int) -> None:
+    """ValueError for a dataset that claims more bytes than the whole file (a damaged header):
+    reading it would ask for petabytes."""
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.size * obj.dtype.itemsize > size:
+            raise ValueError(f"{name} claims a shape of {obj.shape}, more than the file holds")
+
+    file.visititems(visit)
+
+
+def _row_slices(ds: h5py.Dataset) -> Iterator[Any]:
+    """Selections that cover ``ds`` in pieces of about _READ_ROWS_BYTES (one ``()`` for a scalar)."""
+    if ds.ndim == 0:
+        yield ()
+        return
+    row = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+    step = max(1, _READ_ROWS_BYTES // row)
+    for start in range(0, ds.shape[0], step):
+        yield slice(start, start + step)
+
+
+def _read_all(ds: h5py.Dataset) -> None:
+    """Read a dataset in slices (a damaged chunk or index raises)."""
+    for rows in _row_slices(ds):
+        ds[rows]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -442,8 +686,21 @@ def _open_read(path: str | os.PathLike[str]) -> h5py.File:
         raise UserError(f"there is no run file {path}")
     try:
         return open_h5(path, "r")
-    except OSError as exc:
+    except H5_ERRORS as exc:
         raise UserError(f"could not read {path}: it is unreadable or corrupt ({reason(exc)})") from exc
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
+    """The run file open for reading; what HDF5 (or YAML, on its config) raises on a damaged file
+    becomes one UserError."""
+    file = _open_read(path)
+    try:
+        with file:
+            _check_sizes(file, Path(path).stat().st_size)
+            yield file
+    except (*H5_ERRORS, yaml.YAMLError) as exc:
+        raise UserError(f"could not read {path}: it is unreadable or corrupt ({reason(exc)})") from None
 
 
 def _rounds_of(file: h5py.File) -> dict[str, np.ndarray]:
@@ -454,9 +711,21 @@ def _rounds_of(file: h5py.File) -> dict[str, np.ndarray]:
     return {name: c[:n] for name, c in columns.items()}
 
 
+def stored_status(path: str | os.PathLike[str]) -> tuple[str, str | None]:
+    """(status, config hash) of a run file; ``complete`` only with every planned round present
+    (else ``running``: resuming it finishes it). UserError if the file is damaged."""
+    with reading(path) as f:
+        planned = stored_config(f).get("rounds")
+        status, stored = _text(f.attrs.get("status", "running")), f.attrs.get("config_hash")
+        rows = f["rounds/round"].shape[0] if "rounds/round" in f else 0
+    if status == "complete" and isinstance(planned, int) and rows < planned:
+        status = "running"
+    return status, None if stored is None else _text(stored)
+
+
 def read_rounds(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Every /rounds column as an array with one row per round (works on a live run too)."""
-    with _open_read(path) as f:
+    with reading(path) as f:
         return _rounds_of(f)
 
 
@@ -480,27 +749,31 @@ def _attr(file: h5py.File, name: str) -> Any:
 
 def read_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``fdcr-mpi inspect`` shows: status, config, rounds done, final A/R/V and the paper's
-    R_paper/V_paper, detection rates."""
-    with _open_read(path) as f:
+    R_paper/V_paper, detection rates.
+
+    A damaged file (unreadable objects, config text that is not YAML) is a UserError.
+    """
+    with reading(path) as f:
+        stored_config(f)
         rounds = _rounds_of(f)
         malicious = f["clients/malicious"][()] if "clients/malicious" in f else None
         summary = {name: _attr(f, name) for name in ("config", "config_hash", "version", "status", "created",
                                                      "updated", "num_clients", "num_params", "final_sha256")}
-    n = min((c.shape[0] for c in rounds.values()), default=0)
-    summary.update(
-        path=str(path),
-        rounds_done=n,
-        last_round=int(rounds["round"][-1]) if n and "round" in rounds else None,
-        num_malicious=int(np.sum(malicious)) if malicious is not None else None,
-    )
-    from fdcr_mpi.metrics import paper_columns  # torch: only when summarising
+        n = min((c.shape[0] for c in rounds.values()), default=0)
+        summary.update(
+            path=str(path),
+            rounds_done=n,
+            last_round=int(rounds["round"][-1]) if n and "round" in rounds else None,
+            num_malicious=int(np.sum(malicious)) if malicious is not None else None,
+        )
+        from fdcr_mpi.metrics import paper_columns  # torch: only when summarising
 
-    columns = {**rounds, **paper_columns(rounds)}  # R_paper, V_paper (derived in older run files)
-    for name in ("A", "R", "V", "R_paper", "V_paper"):
-        column = columns.get(name)
-        summary[f"final_{name}"] = _mean(column[-FINAL_WINDOW:]) if column is not None else None
-    summary["tpr_mean"] = _mean(rounds.get("tpr"))
-    summary["fpr_mean"] = _mean(rounds.get("fpr"))
+        columns = {**rounds, **paper_columns(rounds)}  # R_paper, V_paper (derived in older run files)
+        for name in ("A", "R", "V", "R_paper", "V_paper"):
+            column = columns.get(name)
+            summary[f"final_{name}"] = _mean(column[-FINAL_WINDOW:]) if column is not None else None
+        summary["tpr_mean"] = _mean(rounds.get("tpr"))
+        summary["fpr_mean"] = _mean(rounds.get("fpr"))
     return summary
 
 

@@ -18,6 +18,11 @@ Run ``i`` of the expansion has a readable name (``fdcr_s0``), its overrides and 
 directory ``<out root>/<name>``; ``fdcr-mpi run --sweep FILE --index i`` runs it, so a SLURM
 array task needs nothing but ``$SLURM_ARRAY_TASK_ID``. A run whose run file says ``complete``
 is skipped; any other is resumed from its checkpoint by running it again.
+
+Sweep files are shared between researchers, so nothing in one may run code or write outside
+its out root: run names are single, plain directory names; the SLURM options are checked
+against SLURM's own forms (``extra`` lines only from a list of sbatch options) and every path
+in the job script is quoted or refused.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import string
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +57,22 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "jobs" / "sweep.sbatch.tmpl"
 Scalar = str | int | float | bool | None
 _LAUNCHER_ENV_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "HYDI_", "HYDRA_", "MPI_", "SLURM_STEP_")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
+MAX_NAME = 200  # run directory names stay well below the file systems' 255 bytes
+# SLURM's forms: the time limit, names of partitions, accounts and QOS (comma lists), memory sizes.
+_TIME = r"^(\d+-)?\d+(:\d+){0,2}$|^(UNLIMITED|INFINITE|unlimited|infinite)$"
+_NAMES = r"^[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*$"
+_WORD = r"^[A-Za-z0-9_.-]+$"
+_MEMORY = r"^\d+[KMGTkmgt]?[Bb]?$"
+# ``slurm.extra``: #SBATCH lines of these options only (none of them runs a program or sets the
+# job's environment, as --export, --container or --get-user-env could), as --option or --option=value.
+EXTRA_OPTIONS = frozenset({
+    "begin", "comment", "constraint", "cores-per-socket", "cpus-per-gpu", "distribution", "exclude", "exclusive",
+    "gpu-bind", "gpus", "gpus-per-node", "gpus-per-task", "gres", "hint", "licenses", "mail-type", "mail-user",
+    "mem-per-cpu", "mem-per-gpu", "mincpus", "nice", "nodelist", "nodes", "ntasks-per-node", "oversubscribe",
+    "reservation", "sockets-per-node", "spread-job", "switches", "threads-per-core", "tmp", "wckey",
+})
+_EXTRA = re.compile(r"^--([a-z][a-z-]*)(=[A-Za-z0-9_.,:/@%+=&|*\[\]-]+)?$")
+_UNSAFE_IN_DIRECTIVE = re.compile(r"[\s\"'\\\x00-\x1f\x7f]")
 
 
 # ----------------------------------------------------------------------------- schema
@@ -76,6 +98,44 @@ class SlurmOptions(_Strict):
     signal_seconds: int = pydantic.Field(120, ge=1)
     extra: list[str] = []
 
+    @pydantic.field_validator("time")
+    @classmethod
+    def _slurm_time(cls, value: str) -> str:
+        return _matching(value, _TIME, "a SLURM time limit such as 02:00:00, 90 or 1-12:00:00")
+
+    @pydantic.field_validator("partition", "account", "qos")
+    @classmethod
+    def _slurm_names(cls, value: str | None) -> str | None:
+        return None if value is None else _matching(value, _NAMES, "a SLURM name (letters, digits, . _ -), "
+                                                    "or several joined by commas")
+
+    @pydantic.field_validator("mem")
+    @classmethod
+    def _slurm_memory(cls, value: str | None) -> str | None:
+        return None if value is None else _matching(value, _MEMORY, "a SLURM memory size such as 16G or 4000M")
+
+    @pydantic.field_validator("mpi")
+    @classmethod
+    def _srun_plugin(cls, value: str) -> str:
+        return _matching(value, _WORD, "an srun --mpi plugin name such as pmi2, pmix or none")
+
+    @pydantic.field_validator("extra")
+    @classmethod
+    def _sbatch_options(cls, lines: list[str]) -> list[str]:
+        for line in lines:
+            form = _EXTRA.fullmatch(line)
+            if form is None or form.group(1) not in EXTRA_OPTIONS:
+                raise ValueError(f"{line!r} is not an sbatch option of the form --option or --option=value "
+                                 f"among: {', '.join(sorted(EXTRA_OPTIONS))}")
+        return lines
+
+
+def _matching(value: str, pattern: str, what: str) -> str:
+    """``value`` if it matches ``pattern``; a ValueError saying what was expected otherwise."""
+    if not re.fullmatch(pattern, value):  # fullmatch: '$' alone would let a final newline through
+        raise ValueError(f"it must be {what}")
+    return value
+
 
 class SweepSpec(_Strict):
     """A sweep file as written (see the module docstring)."""
@@ -89,6 +149,15 @@ class SweepSpec(_Strict):
     exclude: list[dict[str, Scalar | list[Scalar]]] = []
     labels: dict[str, str] = {}
     slurm: SlurmOptions = SlurmOptions()
+
+    @pydantic.field_validator("labels")
+    @classmethod
+    def _plain_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, label in labels.items():
+            if _NAME_CHARS.search(label):
+                raise ValueError(f"the label {label!r} of {key!r} may hold only letters, digits and . _ + - "
+                                 "(it becomes part of a directory name)")
+        return labels
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -173,9 +242,20 @@ def _label(key: str, labels: Mapping[str, str]) -> str:
 
 
 def run_name(values: Mapping[str, Scalar], labels: Mapping[str, str]) -> str:
-    """A readable, file-system safe name: <label><value> per axis, joined by '_'."""
-    parts = [_label(key, labels) + _NAME_CHARS.sub("-", str(value)) for key, value in values.items()]
-    return "_".join(parts) or "run"
+    """A readable, file-system safe name: <label><value> per axis, joined by '_'.
+
+    Always one plain directory name inside the out root: never '.', '..' or longer than MAX_NAME.
+    """
+    parts = [_NAME_CHARS.sub("-", _label(key, labels)) + _NAME_CHARS.sub("-", str(value))
+             for key, value in values.items()]
+    name = "_".join(parts) or "run"
+    if set(name) == {"."}:
+        raise UserError(f"the run {dict(values)} gets the name {name!r}, which is not a directory of its own; "
+                        "give its axes labels")
+    if len(name) > MAX_NAME:
+        raise UserError(f"the run {dict(values)} gets a name of {len(name)} characters (at most {MAX_NAME}); "
+                        "use shorter values or labels")
+    return name
 
 
 def _matches(values: Mapping[str, Scalar], rule: Mapping[str, Any]) -> bool:
@@ -233,13 +313,34 @@ def expand(spec: SweepSpec, path: Path, root: Path) -> tuple[Run, ...]:
     return tuple(runs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last one: a second ``axes:`` block would silently replace the first)."""
+
+
+def _mapping_without_repeats(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<":
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def _read_spec(path: Path) -> SweepSpec:
     if not path.is_file():
         raise UserError(f"sweep file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
-        raise UserError(f"sweep file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, RecursionError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"sweep file {path} is not valid YAML: {reason}") from None
     if not isinstance(data, dict):
         raise UserError(f"sweep file {path} must be a mapping (name:, base:, overrides:, axes:, ...)")
     try:
@@ -247,6 +348,8 @@ def _read_spec(path: Path) -> SweepSpec:
     except pydantic.ValidationError as exc:
         message = describe_validation_error(exc).replace("config key", "sweep key")
         raise UserError(f"{path}: {message}") from None
+    except RecursionError:
+        raise UserError(f"sweep file {path} is nested too deeply") from None
 
 
 def load_sweep(path: str | Path, out_root: str | Path | None = None) -> Sweep:
@@ -274,35 +377,37 @@ def run_config(sweep: Sweep, run: Run) -> Any:
 
 
 def stored_state(out: Path) -> tuple[str, str | None]:
-    """(status, config hash) of the run file in ``out``: status 'todo' when there is none."""
-    from fdcr_mpi.checkpoint import open_h5
+    """(status, config hash) of the run file in ``out``: status 'todo' when there is none,
+    'unreadable' (with a warning) when it is damaged."""
+    from fdcr_mpi.store import RunFileWarning, stored_status
 
     path = out / RUN_FILE
-    if not path.is_file():
-        return "todo", None
     try:
-        with open_h5(path, "r") as f:
-            status, stored = f.attrs.get("status", "running"), f.attrs.get("config_hash")
-    except OSError:
+        if not path.is_file():
+            return "todo", None
+        return stored_status(path)
+    except (UserError, OSError) as exc:
+        warnings.warn(f"{exc}", RunFileWarning, stacklevel=2)
         return "unreadable", None
-    return _text(status), None if stored is None else _text(stored)
-
-
-def _text(value: Any) -> str:
-    """An HDF5 string attribute as str (h5py may give bytes)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def states(sweep: Sweep) -> list[str]:
     """Each run's state: todo, running, preempted, failed, complete, unreadable or other-config.
 
-    Validates every run's config on the way (a bad value stops here, before any job starts).
+    Validates every run's config on the way (a bad value stops here, before any job starts),
+    and refuses two runs of one config (e.g. ``seed: [1, true]``: YAML's true is the seed 1).
     """
     from fdcr_mpi.config import config_hash
 
     result = []
+    seen: dict[str, Run] = {}
     for run in sweep.runs:
         expected = config_hash(run_config(sweep, run))
+        if expected in seen:
+            first = seen[expected]
+            raise UserError(f"runs {first.index} ({first.name}) and {run.index} ({run.name}) of {sweep.path} are "
+                            "the same config; an axis lists one value twice in two spellings (such as 1 and true)")
+        seen[expected] = run
         status, stored = stored_state(run.out)
         result.append("other-config" if stored is not None and stored != expected else status)
     return result
@@ -456,6 +561,11 @@ def run_local(sweep: Sweep, *, jobs: int, ranks: int = 1, data_root: str | None 
     check_no_conflicts(sweep, run_states)
     todo = pending(sweep, run_states)
     total, done = len(sweep.runs), len(sweep.runs) - len(todo)
+    try:
+        if todo:
+            (sweep.root / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write the logs into {sweep.root / 'logs'}: {exc.strerror or exc}") from None
     console.print(f"sweep {sweep.name}: {total} runs, {done} already complete, {len(todo)} to run, "
                   f"{jobs} at a time; logs in {sweep.root / 'logs'}")
     if not todo:
@@ -541,9 +651,23 @@ def _directives(options: SlurmOptions) -> list[str]:
     return [f"#SBATCH {line}" for line in lines]
 
 
+def _directive_path(path: Path, what: str) -> str:
+    """``path`` as it may stand in an #SBATCH line (which cannot quote): no blanks, quotes or control characters."""
+    text = str(path)
+    if _UNSAFE_IN_DIRECTIVE.search(text):
+        raise UserError(f"the {what} {text!r} cannot go into an #SBATCH line (it holds a blank, a quote, a "
+                        "backslash or a control character); choose another path")
+    return text
+
+
 def render_script(sweep: Sweep, indices: Sequence[int], options: SlurmOptions, *,
                   data_root: str | None = None, template: Path = TEMPLATE, workdir: Path | None = None) -> str:
-    """The sbatch script for the array of ``indices`` from the template in jobs/."""
+    """The sbatch script for the array of ``indices`` from the template in jobs/.
+
+    Every value from the sweep file is either checked against a strict form (``SlurmOptions``,
+    the sweep's name) or a path, quoted for the shell (``shlex.quote``) or, in #SBATCH lines,
+    refused if it holds anything but plain characters.
+    """
     if not template.is_file():
         raise UserError(f"the job template {template} does not exist (pass --template)")
     run_args = ""
@@ -560,14 +684,14 @@ def render_script(sweep: Sweep, indices: Sequence[int], options: SlurmOptions, *
         "cpus_per_task": str(options.cpus_per_task),
         "time": options.time,
         "signal_seconds": str(options.signal_seconds),
-        "log_dir": str(sweep.root / "slurm"),
-        "workdir": str((workdir or Path.cwd()).absolute()),
+        "log_dir": _directive_path(sweep.root / "slurm", "out root"),
+        "workdir": _directive_path((workdir or Path.cwd()).absolute(), "working directory"),
         "directives": "\n".join(_directives(options)),
         "fingerprint": sweep.fingerprint(),
         "fingerprint_env": FINGERPRINT_ENV,
         "root_env": ROOT_ENV,
         "root": shlex.quote(str(sweep.root)),
-        "mpi": options.mpi,
+        "mpi": shlex.quote(options.mpi),
         "python": shlex.quote(sys.executable),
         "sweep_file": shlex.quote(str(sweep.path)),
         "run_args": run_args,
@@ -576,6 +700,8 @@ def render_script(sweep: Sweep, indices: Sequence[int], options: SlurmOptions, *
         return string.Template(template.read_text()).substitute(values)
     except (KeyError, ValueError) as exc:
         raise UserError(f"the job template {template} has an unknown or bad placeholder: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read the job template {template}: {exc.strerror or exc}") from None
 
 
 def queued_indices(sweep: Sweep) -> set[int]:
@@ -632,8 +758,11 @@ def write_job(sweep: Sweep, options: SlurmOptions, *, script: Path | None = None
         return None, [], f"{summary}; nothing to submit"
     script = script or sweep.root / "slurm" / f"{sweep.name}.sbatch"
     text = render_script(sweep, [r.index for r in todo], options, data_root=data_root, template=template)
-    for folder in (script.parent, sweep.root / "slurm"):  # the script's, and the logs' (SLURM won't create it)
-        folder.mkdir(parents=True, exist_ok=True)
-    script.write_text(text)
-    script.chmod(0o755)
+    try:
+        for folder in (script.parent, sweep.root / "slurm"):  # the script's, and the logs' (SLURM won't create it)
+            folder.mkdir(parents=True, exist_ok=True)
+        script.write_text(text)
+        script.chmod(0o755)
+    except OSError as exc:
+        raise UserError(f"cannot write the job script {script}: {exc.strerror or exc}") from None
     return script, todo, f"{summary}, {len(todo)} to run: wrote {script} (array {array_ranges(r.index for r in todo)})"

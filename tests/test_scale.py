@@ -207,7 +207,8 @@ def test_reduce_path_quarantines_a_faulty_client(tmp_path) -> None:
 def test_many_clients_under_mpi(tmp_path) -> None:
     """K = 120 clients, 100 per round, on the synthetic data: the reduce path by default."""
     args = ["run", "data.dataset=synthetic", "data.beta=iid", "data.num_clients=120", "clients_per_round=100", "rounds=2",
-            "train.local_epochs=1", "fisher.max_samples=16", "--out", str(tmp_path)]
+            "train.local_epochs=1", "train.batch_size=8", "fisher.max_samples=16",  # 15 samples each
+            "--out", str(tmp_path)]
     result = launch(args, 3)
     final_sha(result)
     assert "100 clients per round, reduce path" in result.stdout

@@ -113,7 +113,11 @@ def load_raw(
     elif name == "synthetic":
         train, test = _make_synthetic(seed)
     else:
-        train, test = _load_torchvision(name, resolve_root(root), download, mirror)
+        try:
+            train, test = _load_torchvision(name, resolve_root(root), download, mirror)
+        except PermissionError as exc:
+            raise UserError(f"cannot read the {_SOURCES[name].title} data: permission denied on "
+                            f"{exc.filename or resolve_root(root)}") from None
     for split in (train, test):
         _validate(split, spec, _SOURCES[name].title if name in _SOURCES else name)
     return train, test, spec
@@ -218,7 +222,7 @@ def _load_torchvision(name: str, root: Path, download: bool, mirror: str | None 
         cls = getattr(import_torchvision().datasets, src.cls_name)
         splits = [cls(str(root), train=train, download=False) for train in (True, False)]
         return _to_raw(splits[0]), _to_raw(splits[1])
-    except UserError:
+    except (UserError, PermissionError):
         raise
     except Exception as exc:  # torchvision and pickle raise many kinds: RuntimeError, OSError, ...
         raise _corrupted(src, root, exc) from exc

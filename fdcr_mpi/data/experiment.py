@@ -25,6 +25,7 @@ from fdcr_mpi.data.partition import (
     train_val_split,
 )
 from fdcr_mpi.data.poison import apply_trigger, trigger_mask
+from fdcr_mpi.errors import UserError
 from fdcr_mpi.evaluation import Batch, EvalSets
 
 
@@ -105,6 +106,16 @@ def test_rows(config: BaseConfig, size: int) -> np.ndarray:
     return rows
 
 
+def check_batch_size(config: BaseConfig, partition: list[np.ndarray]) -> None:
+    """A UserError when no client holds one full batch: with ``drop_last`` nobody would train."""
+    largest = max((len(p) for p in partition), default=0)
+    train = config.train
+    if train.drop_last and train.local_epochs > 0 and train.batch_size > largest:
+        raise UserError(f"train.batch_size {train.batch_size} is larger than every client's training set (the "
+                        f"largest has {largest} samples), so with train.drop_last=true no client would train; "
+                        "lower train.batch_size or set train.drop_last=false")
+
+
 def build_experiment(config: BaseConfig, client_ids: list[int], *, eval_share: tuple[int, int] | None = None,
                      server: bool = False, with_proxy: bool = False, device: torch.device | str = "cpu") -> Experiment:
     """The experiment as seen by a rank hosting ``client_ids`` (their data on ``device``), counting
@@ -122,6 +133,7 @@ def build_experiment(config: BaseConfig, client_ids: list[int], *, eval_share: t
     parts = dirichlet_partition(train.y[train_idx], data.num_clients, data.beta,
                                 seeding.numpy_rng(config.seed, seeding.PARTITION), data.min_client_size)
     partition = [train_idx[p] for p in parts]
+    check_batch_size(config, partition)
     attack = attacks.create(config)
     ratio = config.attack.malicious_ratio if attack.has_attackers else 0.0
     malicious = choose_malicious(data.num_clients, ratio, config.attack.malicious_ids,

@@ -124,7 +124,16 @@ def read_table(path: Path) -> Table:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"the reference table {path} does not exist")
-    return parse_table(path.stem, path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"the reference table {path} is not a text CSV file") from None
+    except OSError as exc:
+        raise UserError(f"cannot read the reference table {path}: {exc.strerror or exc}") from None
+    try:
+        return parse_table(path.stem, text, str(path))
+    except csv.Error as exc:
+        raise UserError(f"the reference table {path} is not a CSV file: {str(exc).splitlines()[0]}") from None
 
 
 def all_tables() -> list[Table]:
