@@ -224,17 +224,17 @@ def test_dnc_through_quarantine_over_rounds() -> None:
 def test_the_server_hands_the_defense_the_runs_seed_and_a_fresh_model(tmp_path: Path, monkeypatch) -> None:
     from fdcr_mpi.config import load_config
     from fdcr_mpi.models import build_model
-    from fdcr_mpi.runtime import server as server_module
+    from fdcr_mpi.runtime import round as round_module
     from fdcr_mpi.runtime.driver import execute
 
     captured = []
-    real = server_module.defend_with_quarantine
+    real = round_module.defend
 
-    def spy(defense, inputs):
+    def spy(defense, inputs, healthy):
         captured.append(inputs)
-        return real(defense, inputs)
+        return real(defense, inputs, healthy)
 
-    monkeypatch.setattr(server_module, "defend_with_quarantine", spy)
+    monkeypatch.setattr(round_module, "defend", spy)
     config = load_config(None, ["data.dataset=digits", "rounds=1", "train.local_epochs=1", "seed=7",
                                 "defense.name=fedavg", "runtime.threads=1", "fisher.max_samples=16"])
     assert execute(config, tmp_path / "run", transport_kind="local", quiet=True) == 0
