@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fdcr_mpi.analysis.report import RunRecord, load_record
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.reference import LABELS, paper_figures
-from fdcr_mpi.report import RunRecord, load_record
 
 RUN_FILE = "run.h5"
 BEGIN, END = "<!-- reproduction table: begin (benchmarks/reproduction.py) -->", "<!-- reproduction table: end -->"

@@ -12,8 +12,8 @@ from fdcr_mpi.client.fisher_released import released_fisher
 from fdcr_mpi.data.datasets import SPECS
 from fdcr_mpi.defenses import aggregate, create
 from fdcr_mpi.defenses.base import RoundInputs
+from fdcr_mpi.defenses.quarantine import defend_with_quarantine
 from fdcr_mpi.models import build_model
-from fdcr_mpi.quarantine import defend_with_quarantine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from fdcr_mpi.checkpoint import load_latest_checkpoint
 from fdcr_mpi.defenses import available, create
 from fdcr_mpi.defenses.base import ProxyData, RoundInputs
+from fdcr_mpi.defenses.quarantine import defend_with_quarantine
 from fdcr_mpi.models import FlatModel
-from fdcr_mpi.quarantine import defend_with_quarantine
 from fdcr_mpi.runtime.sentinel import FAILURE_FILE, PREVIOUS_FAILURE_FILE, note_failure
+from fdcr_mpi.store import load_latest_checkpoint
 from tests.test_mpi import FDCR, MPIEXEC, env, final_sha, launch, requires_mpi
 
 TINY = ["data.dataset=digits", "rounds=4", "train.local_epochs=1", "fisher.max_samples=32"]

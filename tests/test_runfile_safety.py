@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from fdcr_mpi.checkpoint import list_checkpoints
-from fdcr_mpi.store import RunFile, read_rounds, read_summary
+from fdcr_mpi.store import RunFile, list_checkpoints, read_rounds, read_summary
 from tests.adversarial_tools import TINY, env, fdcr, run_worker, small_disk, tally, verdict
 
 __all__ = ["tally"]  # the session fixture, imported for pytest
@@ -103,7 +102,7 @@ def test_run_files_and_checkpoints_are_created_with_the_umask(tmp_path: Path) ->
 FILL_RUN_FILE = """
 import sys
 import numpy as np
-from fdcr_mpi import store
+from fdcr_mpi.store import writer as store
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.store import RunFile
 

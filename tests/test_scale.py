@@ -13,7 +13,7 @@ import torch
 from fdcr_mpi.config import aggregation_path, load_config
 from fdcr_mpi.defenses import RoundInputs, create
 from fdcr_mpi.errors import UserError
-from fdcr_mpi.participation import RoundPlan, select_clients
+from fdcr_mpi.runtime.participation import RoundPlan, select_clients
 from fdcr_mpi.runtime.reduce_ops import (
     ReducedAcrossRanks,
     fixed_point_exponent,

@@ -1,5 +1,5 @@
 """Defenses with state or randomness across rounds, run over several rounds with a client
-quarantined after round 0 (``fdcr_mpi.quarantine``), against independent computations: the
+quarantined after round 0 (``fdcr_mpi.defenses.quarantine``), against independent computations: the
 per-client history stays with its client, the server momentum carries on, and the random draws
 come from the run's seed and the round only.
 """
@@ -14,7 +14,7 @@ import torch
 
 from fdcr_mpi import seeding
 from fdcr_mpi.defenses import aggregate, create
-from fdcr_mpi.quarantine import defend_with_quarantine
+from fdcr_mpi.defenses.quarantine import defend_with_quarantine
 from tests.test_baselines import make_inputs, real_updates, reference_foolsgold, weighted_mean
 from tests.test_marsfl import (
     fresh_model,

@@ -15,17 +15,20 @@ import h5py
 import numpy as np
 import pytest
 
-from fdcr_mpi import checkpoint as ckpt_mod
-from fdcr_mpi import store
-from fdcr_mpi.checkpoint import (
+from fdcr_mpi.errors import UserError
+from fdcr_mpi.store import (
     CheckpointWarning,
+    RunFile,
     RunLock,
+    format_summary,
     list_checkpoints,
     load_latest_checkpoint,
+    read_rounds,
+    read_summary,
     write_checkpoint,
 )
-from fdcr_mpi.errors import UserError
-from fdcr_mpi.store import RunFile, format_summary, read_rounds, read_summary
+from fdcr_mpi.store import checkpoint as ckpt_mod
+from fdcr_mpi.store import writer as store
 
 REPO = Path(__file__).resolve().parents[1]
 K = 4
@@ -421,14 +424,14 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path: Path, monkeypatch) -> Non
 
 HOLD = """
     import sys, time
-    from fdcr_mpi.checkpoint import RunLock
+    from fdcr_mpi.store import RunLock
     RunLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(120)
 """
 TRY = """
     import sys
-    from fdcr_mpi.checkpoint import RunLock
+    from fdcr_mpi.store import RunLock
     from fdcr_mpi.errors import UserError
     try:
         RunLock(sys.argv[1]).acquire()

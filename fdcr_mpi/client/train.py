@@ -75,7 +75,7 @@ class ClientData:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local training (ALGORITHM.md 1.1): E epochs of SGD, fresh optimizer every round."""
+    """Local training (docs/SPEC.md section 1.1): E epochs of SGD, fresh optimizer every round."""
 
     local_epochs: int = 10
     lr: float = 0.01
@@ -123,7 +123,7 @@ def draw_epoch(n: int, settings: TrainSettings, spec: DatasetSpec | None, genera
 
 def train_client(model: FlatModel, data: ClientData, spec: DatasetSpec | None, settings: TrainSettings,
                  generator: torch.Generator) -> torch.Tensor:
-    """Train ``model`` in place on the client's data (ALGORITHM.md 1.1); returns the mean training
+    """Train ``model`` in place on the client's data (docs/SPEC.md section 1.1); returns the mean training
     loss as a float64 scalar tensor on the model's device (nan if no step), without waiting for it.
     ``spec`` (how the data set augments) may be None for data that is not augmented."""
     module = model.module

@@ -44,7 +44,7 @@ class ProxyData:
 
 @dataclass
 class RoundInputs:
-    """Everything a defense may use in one round (ARCHITECTURE.md, step 4).
+    """Everything a defense may use in one round (docs/ARCHITECTURE.md, "One round, as data", step 3).
 
     global_weights: w_t, (D,) float32.
     client_weights: w_k after local training, (K, D) float32, rows in client-id order.

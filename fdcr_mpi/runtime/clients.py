@@ -1,4 +1,4 @@
-"""A rank's clients: train them on w_t, fill the rank's send blocks (docs/ARCHITECTURE.md step 2).
+"""A rank's clients: train them on w_t, fill the rank's send blocks (docs/ARCHITECTURE.md, "One round, as data", step 2).
 
 The clients of a rank are trained one group at a time (a group is one client, or
 ``train.batch_clients`` ids trained as one batched computation), on the rank's device. On a CPU

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from fdcr_mpi import __version__, metrics, seeding
-from fdcr_mpi.checkpoint import RunLock
 from fdcr_mpi.config import (
     BaseConfig,
     aggregation_path,
@@ -44,6 +43,7 @@ from fdcr_mpi.runtime.recorder import RUN_FILE, Recorder, StopFlag
 from fdcr_mpi.runtime.round import RunContext, run_rounds
 from fdcr_mpi.runtime.staging import host_buffer
 from fdcr_mpi.runtime.transport import client_blocks, fail_job, make_transport
+from fdcr_mpi.store import RunLock
 
 
 def participation(config: BaseConfig) -> str:

@@ -18,18 +18,20 @@ import numpy as np
 import torch
 
 from fdcr_mpi import __version__
-from fdcr_mpi.checkpoint import load_latest_checkpoint, write_checkpoint
 from fdcr_mpi.config import BaseConfig, config_hash, to_yaml
 from fdcr_mpi.data.experiment import Experiment
 from fdcr_mpi.defenses.base import Defense
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.runtime import numerics, sentinel
 from fdcr_mpi.runtime.round import RoundRecord, round_row
-from fdcr_mpi.store import RunFile
-
-RUN_FILE = "run.h5"
-NUMERICS = "numerics"  # run-file attribute: the numerics fingerprint (JSON) of the run's creation
-NUMERICS_CHANGES = "numerics_changes"  # resumes allowed to continue with other numerics (JSON list)
+from fdcr_mpi.store import (
+    NUMERICS,
+    NUMERICS_CHANGES,
+    RUN_FILE,
+    RunFile,
+    load_latest_checkpoint,
+    write_checkpoint,
+)
 
 
 def weights_sha256(weights: np.ndarray | torch.Tensor) -> str:

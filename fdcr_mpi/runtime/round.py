@@ -27,10 +27,10 @@ from fdcr_mpi import evaluation, metrics
 from fdcr_mpi.config import BaseConfig
 from fdcr_mpi.data.experiment import Experiment
 from fdcr_mpi.defenses.base import Defense, ProxyData, RoundInputs, RoundResult
+from fdcr_mpi.defenses.quarantine import defend, expand_result, kept_model
 from fdcr_mpi.models import build_model
-from fdcr_mpi.participation import RoundPlan
-from fdcr_mpi.quarantine import defend, expand_result, kept_model
 from fdcr_mpi.runtime.clients import ClientRunner
+from fdcr_mpi.runtime.participation import RoundPlan
 from fdcr_mpi.runtime.protocol import (
     FINITE,
     FISHER_SECONDS,
@@ -45,6 +45,7 @@ from fdcr_mpi.runtime.protocol import (
 )
 from fdcr_mpi.runtime.reduce_ops import ReducedAcrossRanks
 from fdcr_mpi.runtime.transport import Transport
+from fdcr_mpi.store.schema import fill
 
 PHASES = ("broadcast", "clients", "wait", "gather", "train", "fisher", "defend", "evaluate", "write", "round")
 
@@ -250,5 +251,5 @@ def round_row(exp: Experiment, outcome: RoundRecord) -> dict[str, object]:
         if array.ndim == 0:
             row[name] = array
         elif array.ndim == 1 and array.shape[0] == m:
-            row[name] = plan.spread(array, k, np.nan if array.dtype.kind == "f" else -1)
+            row[name] = plan.spread(array, k, fill(array.dtype))
     return row

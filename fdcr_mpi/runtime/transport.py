@@ -6,8 +6,8 @@ the clients' rows), as in mpi4py's demos.
 
 Placement: rank 0 is the server and hosts no client; clients are dealt to ranks 1..P-1 in
 contiguous, balanced blocks of ids (``np.array_split``), so ``Gatherv`` lands every row in
-client-id order with no permutation copy. (ARCHITECTURE.md proposed k mod (P-1); blocks
-give the same balance and a zero-copy gather.) Ranks beyond K hold no client.
+client-id order with no permutation copy (dealing k mod (P-1) would give the same balance but
+need a permutation). Ranks beyond K hold no client.
 
 Waiting ranks do not busy-poll: before each collective that may wait long, every rank
 enters an ``Ibarrier`` and sleeps between tests (MPICH spins a core inside a blocking

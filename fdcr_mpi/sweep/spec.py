@@ -30,17 +30,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import re
-import shlex
-import shutil
-import signal
-import string
-import subprocess
-import sys
-import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,11 +41,10 @@ import pydantic
 import yaml
 
 from fdcr_mpi.errors import UserError, describe_validation_error
+from fdcr_mpi.store.schema import RUN_FILE
 
-RUN_FILE = "run.h5"
 FINGERPRINT_ENV = "FDCR_SWEEP_FINGERPRINT"  # set by the runners: refuse a sweep file edited since
 ROOT_ENV = "FDCR_SWEEP_ROOT"  # set by the runners: the out root they were given
-TEMPLATE = Path(__file__).resolve().parents[1] / "jobs" / "sweep.sbatch.tmpl"
 Scalar = str | int | float | bool | None
 _LAUNCHER_ENV_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "HYDI_", "HYDRA_", "MPI_", "SLURM_STEP_")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -72,7 +63,7 @@ EXTRA_OPTIONS = frozenset({
     "reservation", "sockets-per-node", "spread-job", "switches", "threads-per-core", "tmp", "wckey",
 })
 _EXTRA = re.compile(r"^--([a-z][a-z-]*)(=[A-Za-z0-9_.,:/@%+=&|*\[\]-]+)?$")
-_UNSAFE_IN_DIRECTIVE = re.compile(r"[\s\"'\\\x00-\x1f\x7f]")
+UNSAFE_IN_DIRECTIVE = re.compile(r"[\s\"'\\\x00-\x1f\x7f]")
 
 
 # ----------------------------------------------------------------------------- schema
@@ -86,8 +77,12 @@ class SlurmOptions(_Strict):
     """Defaults for ``fdcr-mpi sweep slurm`` (each one can be overridden on the command line)."""
 
     ranks: int = pydantic.Field(3, ge=1)
+    """MPI ranks per run: rank 0 (the server) and the client ranks."""
+    nodes: int = pydantic.Field(1, ge=1)
+    """Nodes per run; with more than one, the ranks go round the nodes (rank 0 on the first)."""
     cpus_per_task: int = pydantic.Field(1, ge=1)
     gpus: int = pydantic.Field(0, ge=0)
+    """GPUs per node; the client ranks of a node take them in turn (docs/CLUSTER.md)."""
     time: str = "02:00:00"
     throttle: int = pydantic.Field(8, ge=1)
     partition: str | None = None
@@ -128,6 +123,17 @@ class SlurmOptions(_Strict):
                 raise ValueError(f"{line!r} is not an sbatch option of the form --option or --option=value "
                                  f"among: {', '.join(sorted(EXTRA_OPTIONS))}")
         return lines
+
+    @pydantic.model_validator(mode="after")
+    def _a_rank_on_every_node(self) -> SlurmOptions:
+        if self.nodes > self.ranks:
+            raise ValueError(f"{self.nodes} nodes need at least {self.nodes} ranks (ranks is {self.ranks})")
+        return self
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Task slots asked of each node: the ranks shared out over the nodes, rounded up."""
+        return -(-self.ranks // self.nodes)
 
 
 def _matching(value: str, pattern: str, what: str) -> str:
@@ -439,330 +445,3 @@ def format_plan(sweep: Sweep, run_states: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- local runner
-
-
-@dataclass
-class Outcome:
-    run: Run
-    code: int
-    seconds: float
-    log: Path
-
-
-def child_env(sweep: Sweep, threads: int) -> dict[str, str]:
-    """The environment of a run started here: no launcher variables of ours, one thread count."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV_PREFIXES)}
-    env.update({FINGERPRINT_ENV: sweep.fingerprint(), ROOT_ENV: str(sweep.root), "OMP_NUM_THREADS": str(threads),
-                "PYTHONUNBUFFERED": "1"})
-    return env
-
-
-def run_command(sweep: Sweep, run: Run, *, ranks: int = 1, threads: int | None = None,
-                data_root: str | None = None) -> list[str]:
-    """``python -m fdcr_mpi run --sweep FILE --index I``, under ``mpiexec -n ranks`` when ranks > 1."""
-    command = [sys.executable, "-m", "fdcr_mpi", "run", "--sweep", str(sweep.path), "--index", str(run.index)]
-    if threads is not None and "runtime.threads" not in flatten(sweep.spec.overrides):
-        command.append(f"runtime.threads={threads}")
-    if data_root:
-        command += ["--data-root", data_root]
-    if ranks > 1:
-        mpiexec = Path(sys.executable).parent / "mpiexec"
-        launcher = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
-        if launcher is None:
-            raise UserError("--ranks > 1 needs mpiexec (install the extra: pip install 'fdcr_mpi[mpi]')")
-        command = [launcher, "-n", str(ranks), *command]
-    return command
-
-
-def threads_per_process(jobs: int, ranks: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, jobs * ranks))
-
-
-class LocalRunner:
-    """Runs the pending runs of a sweep as subprocesses, ``jobs`` at a time."""
-
-    def __init__(self, sweep: Sweep, runs: Sequence[Run], *, jobs: int, ranks: int = 1,
-                 data_root: str | None = None, poll: float = 0.2) -> None:
-        self.sweep, self.todo, self.jobs, self.ranks = sweep, list(runs), jobs, ranks
-        self.data_root, self.poll = data_root, poll
-        self.threads = threads_per_process(jobs, ranks)
-        self.logs = sweep.root / "logs"
-        self.active: dict[int, tuple[Run, subprocess.Popen, float, Any]] = {}
-        self.outcomes: list[Outcome] = []
-
-    def start(self, run: Run) -> None:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        log = open(self.logs / f"{run.name}.log", "ab")  # noqa: SIM115 - closed in reap()
-        command = run_command(self.sweep, run, ranks=self.ranks, threads=self.threads, data_root=self.data_root)
-        log.write(f"$ {shlex.join(command)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=child_env(self.sweep, self.threads), start_new_session=True)
-        self.active[proc.pid] = (run, proc, time.monotonic(), log)
-
-    def reap(self) -> list[Outcome]:
-        """The runs that ended since the last call."""
-        ended = []
-        for pid, (run, proc, started, log) in list(self.active.items()):
-            code = proc.poll()
-            if code is None:
-                continue
-            log.close()
-            del self.active[pid]
-            ended.append(Outcome(run, code, time.monotonic() - started, self.logs / f"{run.name}.log"))
-        self.outcomes += ended
-        return ended
-
-    def step(self) -> list[Outcome]:
-        """Fill the free slots, wait one poll interval, return what ended."""
-        while self.todo and len(self.active) < self.jobs:
-            self.start(self.todo.pop(0))
-        time.sleep(self.poll)
-        return self.reap()
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.todo or self.active)
-
-    def stop(self, grace: float = 60.0) -> None:
-        """SIGTERM every live run (each checkpoints and exits 75), then SIGKILL after ``grace``."""
-        self.todo.clear()
-        for _, proc, _, _ in self.active.values():
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for _, proc, _, _ in self.active.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait(timeout=10)
-        self.reap()
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the child leads its own session (start_new_session)
-    except ProcessLookupError:
-        pass
-
-
-def run_local(sweep: Sweep, *, jobs: int, ranks: int = 1, data_root: str | None = None,
-              console: Any = None) -> int:
-    """Run every unfinished run of the sweep, ``jobs`` at a time, with a progress bar.
-
-    Returns 0 when all runs are complete, 1 when any failed (each failure listed with its
-    exit code and log), 130 on Ctrl-C (the live runs are stopped at a checkpoint).
-    """
-    from rich.console import Console
-
-    console = console or Console(stderr=True, soft_wrap=True)  # never break a path across lines
-    run_states = states(sweep)
-    check_no_conflicts(sweep, run_states)
-    todo = pending(sweep, run_states)
-    total, done = len(sweep.runs), len(sweep.runs) - len(todo)
-    try:
-        if todo:
-            (sweep.root / "logs").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write the logs into {sweep.root / 'logs'}: {exc.strerror or exc}") from None
-    console.print(f"sweep {sweep.name}: {total} runs, {done} already complete, {len(todo)} to run, "
-                  f"{jobs} at a time; logs in {sweep.root / 'logs'}")
-    if not todo:
-        return 0
-    runner = LocalRunner(sweep, todo, jobs=jobs, ranks=ranks, data_root=data_root)
-    try:
-        _drive(runner, console, total, done)
-    except KeyboardInterrupt:
-        console.print("interrupted: stopping the live runs at their next checkpoint")
-        runner.stop()
-        return 130
-    return report_outcomes(runner.outcomes, console)
-
-
-def _progress(console: Any) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TextColumn("runs"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), TextColumn("{task.fields[live]}"), console=console)
-
-
-def _drive(runner: LocalRunner, console: Any, total: int, done: int) -> None:
-    with _progress(console) as progress:
-        task = progress.add_task(runner.sweep.name, total=total, completed=done, live="")
-        while runner.busy:
-            for outcome in runner.step():
-                mark = "done" if outcome.code == 0 else f"[red]failed (exit {outcome.code})[/red]"
-                progress.console.print(f"  [{outcome.run.index}] {outcome.run.name}: {mark} "
-                                       f"in {outcome.seconds:.0f} s")
-                progress.advance(task)
-            names = ", ".join(run.name for run, *_ in runner.active.values())
-            progress.update(task, live=f"running: {names}" if names else "")
-
-
-def report_outcomes(outcomes: Sequence[Outcome], console: Any) -> int:
-    """Print the failures (exit code, log) at the end; 0 when there are none."""
-    failed = [o for o in outcomes if o.code != 0]
-    if not failed:
-        console.print(f"all {len(outcomes)} runs finished")
-        return 0
-    console.print(f"[red]{len(failed)} of {len(outcomes)} runs failed:[/red]")
-    for o in sorted(failed, key=lambda o: o.run.index):
-        why = "preempted, resumable" if o.code == 75 else "user error" if o.code == 2 else "error"
-        console.print(f"  [{o.run.index}] {o.run.name}: exit code {o.code} ({why}); log {o.log}")
-    return 1
-
-
-# ----------------------------------------------------------------------------- SLURM
-
-
-def array_ranges(indices: Iterable[int]) -> str:
-    """Sorted indices as a SLURM array list: [0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
-    values = sorted(set(indices))
-    parts = []
-    for _, group in itertools.groupby(enumerate(values), key=lambda p: p[1] - p[0]):
-        block = [v for _, v in group]
-        parts.append(str(block[0]) if len(block) == 1 else f"{block[0]}-{block[-1]}")
-    return ",".join(parts)
-
-
-def job_name(sweep: Sweep) -> str:
-    return f"fdcr-{sweep.name}"
-
-
-def _directives(options: SlurmOptions) -> list[str]:
-    lines = []
-    for flag, value in (("partition", options.partition), ("account", options.account),
-                        ("qos", options.qos), ("mem", options.mem)):
-        if value:
-            lines.append(f"--{flag}={value}")
-    if options.gpus:
-        lines += ["--nodes=1", f"--gres=gpu:{options.gpus}"]
-    lines += options.extra
-    return [f"#SBATCH {line}" for line in lines]
-
-
-def _directive_path(path: Path, what: str) -> str:
-    """``path`` as it may stand in an #SBATCH line (which cannot quote): no blanks, quotes or control characters."""
-    text = str(path)
-    if _UNSAFE_IN_DIRECTIVE.search(text):
-        raise UserError(f"the {what} {text!r} cannot go into an #SBATCH line (it holds a blank, a quote, a "
-                        "backslash or a control character); choose another path")
-    return text
-
-
-def render_script(sweep: Sweep, indices: Sequence[int], options: SlurmOptions, *,
-                  data_root: str | None = None, template: Path = TEMPLATE, workdir: Path | None = None) -> str:
-    """The sbatch script for the array of ``indices`` from the template in jobs/.
-
-    Every value from the sweep file is either checked against a strict form (``SlurmOptions``,
-    the sweep's name) or a path, quoted for the shell (``shlex.quote``) or, in #SBATCH lines,
-    refused if it holds anything but plain characters.
-    """
-    if not template.is_file():
-        raise UserError(f"the job template {template} does not exist (pass --template)")
-    run_args = ""
-    if "runtime.threads" not in flatten(sweep.spec.overrides):
-        run_args += ' runtime.threads="${SLURM_CPUS_PER_TASK:-1}"'
-    if data_root:
-        run_args += f" --data-root {shlex.quote(str(Path(data_root).absolute()))}"
-    values = {
-        "sweep_name": sweep.name,
-        "job_name": job_name(sweep),
-        "array": f"{array_ranges(indices)}%{options.throttle}",
-        "count": str(len(indices)),
-        "ranks": str(options.ranks),
-        "cpus_per_task": str(options.cpus_per_task),
-        "time": options.time,
-        "signal_seconds": str(options.signal_seconds),
-        "log_dir": _directive_path(sweep.root / "slurm", "out root"),
-        "workdir": _directive_path((workdir or Path.cwd()).absolute(), "working directory"),
-        "directives": "\n".join(_directives(options)),
-        "fingerprint": sweep.fingerprint(),
-        "fingerprint_env": FINGERPRINT_ENV,
-        "root_env": ROOT_ENV,
-        "root": shlex.quote(str(sweep.root)),
-        "mpi": shlex.quote(options.mpi),
-        "python": shlex.quote(sys.executable),
-        "sweep_file": shlex.quote(str(sweep.path)),
-        "run_args": run_args,
-    }
-    try:
-        return string.Template(template.read_text()).substitute(values)
-    except (KeyError, ValueError) as exc:
-        raise UserError(f"the job template {template} has an unknown or bad placeholder: {exc}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read the job template {template}: {exc.strerror or exc}") from None
-
-
-def queued_indices(sweep: Sweep) -> set[int]:
-    """Array indices of this sweep's job name that SLURM still has pending or running (empty if unknown)."""
-    squeue = shutil.which("squeue")
-    if squeue is None:
-        return set()
-    try:
-        result = subprocess.run([squeue, "-h", "-r", "-n", job_name(sweep), "-t", "PENDING,RUNNING,REQUEUED",
-                                 "-o", "%K"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return set()
-    if result.returncode != 0:
-        return set()
-    return {int(line) for line in result.stdout.split() if line.isdigit()}
-
-
-def submit(script: Path) -> str:
-    """``sbatch --parsable SCRIPT``; returns the job id."""
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        raise UserError(f"sbatch is not on PATH (is this a SLURM login node?); the script is {script}")
-    try:
-        result = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        raise UserError("sbatch did not answer within 60 s; is slurmctld up?") from None
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
-        raise UserError(f"sbatch refused {script}: {reason}")
-    return result.stdout.strip().split(";")[0]
-
-
-def slurm_options(sweep: Sweep, **overrides: Any) -> SlurmOptions:
-    """The sweep file's slurm section with the command line's non-None values on top."""
-    update = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return SlurmOptions.model_validate({**sweep.spec.slurm.model_dump(), **update})
-    except pydantic.ValidationError as exc:
-        raise UserError(describe_validation_error(exc, "slurm").replace("config key", "option")) from None
-
-
-def write_job(sweep: Sweep, options: SlurmOptions, *, script: Path | None = None, data_root: str | None = None,
-              template: Path = TEMPLATE, skip_queued: bool = False) -> tuple[Path | None, list[Run], str]:
-    """Write the array script for the runs still to do; (script or None, its runs, a message)."""
-    run_states = states(sweep)
-    check_no_conflicts(sweep, run_states)
-    unfinished = pending(sweep, run_states)
-    queued = queued_indices(sweep) if skip_queued else set()
-    todo = [r for r in unfinished if r.index not in queued]
-    summary = f"{len(sweep.runs)} runs: {len(sweep.runs) - len(unfinished)} complete"
-    if queued:
-        summary += f", {len(queued)} already queued or running"
-    if not todo:
-        return None, [], f"{summary}; nothing to submit"
-    script = script or sweep.root / "slurm" / f"{sweep.name}.sbatch"
-    text = render_script(sweep, [r.index for r in todo], options, data_root=data_root, template=template)
-    try:
-        for folder in (script.parent, sweep.root / "slurm"):  # the script's, and the logs' (SLURM won't create it)
-            folder.mkdir(parents=True, exist_ok=True)
-        script.write_text(text)
-        script.chmod(0o755)
-    except OSError as exc:
-        raise UserError(f"cannot write the job script {script}: {exc.strerror or exc}") from None
-    return script, todo, f"{summary}, {len(todo)} to run: wrote {script} (array {array_ranges(r.index for r in todo)})"

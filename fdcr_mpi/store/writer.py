@@ -1,4 +1,4 @@
-"""The HDF5 run file (DIR/run.h5): config, ground truth, one row per round, optional weights.
+"""Writing the HDF5 run file (DIR/run.h5): config, ground truth, one row per round, optional weights.
 
 Layout (see docs/RUNFILE.md)::
 
@@ -14,7 +14,7 @@ Every write first makes sure the disk can take it (``checkpoint.ensure_space``):
 or quota ends in one sentence and leaves the rounds written so far readable. Opening a run to
 continue it reads every object (a damaged file is one sentence, never a crash later) and
 rewrites it into a fresh file, so new rows never land in damaged structures.
-Checkpoints and the run lock live in ``fdcr_mpi.checkpoint`` and are re-exported here.
+Checkpoints and the run lock live in ``store/checkpoint.py`` and ``store/lock.py``.
 Only rank 0 calls this module.
 """
 
@@ -25,111 +25,43 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import h5py
 import numpy as np
-import yaml
 
-from fdcr_mpi.checkpoint import (
+from fdcr_mpi.errors import UserError
+from fdcr_mpi.store.disk import (
     H5_ERRORS,
-    Checkpoint,
-    CheckpointWarning,
-    RunLock,
-    checkpoint_path,
-    create_temp,
     ensure_space,
-    fsync_path,
-    list_checkpoints,
-    load_latest_checkpoint,
     open_h5,
     reason,
-    write_checkpoint,
+    write_atomically,
 )
-from fdcr_mpi.errors import UserError
-
-__all__ = [
-    "RUN_FILE",
-    "STATUSES",
-    "Checkpoint",
-    "CheckpointWarning",
-    "RunFile",
-    "RunFileWarning",
-    "RunLock",
-    "checkpoint_path",
-    "format_summary",
-    "list_checkpoints",
-    "load_latest_checkpoint",
-    "read_rounds",
-    "read_summary",
-    "reading",
-    "stored_config",
-    "stored_status",
-    "write_checkpoint",
-]
-
-RUN_FILE = "run.h5"
-FORMAT = "fdcr_mpi.run"
-FORMAT_VERSION = 1
-STATUSES = ("running", "complete", "failed", "preempted")
-FINAL_WINDOW = 5
-# No chunk cache: a row's data is written (or fails) inside the call that writes it, never
-# later when HDF5 evicts the cache or closes a dataset, where a failure cannot be handled.
-_NO_CACHE = {"rdcc_nbytes": 0}
-_METADATA_BYTES = 64 * 1024  # what one write may add to the file beyond new chunks (headers, B-tree nodes)
-_READ_ROWS_BYTES = 64 << 20  # verification reads big datasets in slices of about this size
-
-
-class RunFileWarning(UserWarning):
-    """A run file was left out (of a report, figure or plan) because it cannot be read."""
-
-
-# Column dtypes, in promotion order.
-_BOOL, _INT, _FLOAT = np.dtype(bool), np.dtype(np.int64), np.dtype(np.float64)
-_RANK = {_BOOL: 0, _INT: 1, _FLOAT: 2}
-
-
-def _fill(dtype: np.dtype) -> Any:
-    """The value that stands for "no value this round": False, -1 or NaN."""
-    return {"b": False, "i": -1, "u": 0, "f": np.nan}.get(np.dtype(dtype).kind, 0)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _column_value(name: str, value: Any) -> np.ndarray:
-    """``value`` as an array of one of the three column dtypes (bool, int64, float64)."""
-    arr = np.asarray(value)
-    kind = arr.dtype.kind
-    if kind == "b":
-        return arr.astype(_BOOL, copy=False)
-    if kind in "iu":
-        return arr.astype(_INT)
-    if kind == "f":
-        return arr.astype(_FLOAT)
-    raise ValueError(f"round column {name!r} must be a number, bool or numeric array, got {arr.dtype}")
-
-
-def _chunk_rows(row_shape: tuple[int, ...], itemsize: int) -> int:
-    """Rows per chunk: about 16 KiB, between 1 and 256 rows."""
-    row_bytes = itemsize * int(np.prod(row_shape, dtype=np.int64)) or 1
-    return max(1, min(256, 16384 // row_bytes))
-
-
-def _extendable(group: h5py.Group, name: str, rows: int, row_shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
-    """A new (rows, *row_shape) dataset, unlimited along axis 0, pre-filled with the dtype's fill."""
-    return group.create_dataset(
-        name,
-        shape=(rows, *row_shape),
-        maxshape=(None, *row_shape),
-        dtype=dtype,
-        chunks=(_chunk_rows(row_shape, dtype.itemsize), *row_shape),
-        fillvalue=_fill(dtype),
-    )
+from fdcr_mpi.store.reader import (
+    _split_partition,
+    _stored_hash,
+    _text,
+    reading,
+    stored_config,
+)
+from fdcr_mpi.store.schema import (
+    FORMAT,
+    FORMAT_VERSION,
+    INT,
+    METADATA_BYTES,
+    NO_CACHE,
+    RANK,
+    READ_ROWS_BYTES,
+    STATUSES,
+    chunk_rows,
+    column_value,
+    extendable,
+    fill,
+    now,
+)
 
 
 class RunFile:
@@ -176,15 +108,15 @@ class RunFile:
             "config_hash": config_hash,
             "version": version,
             "status": "running",
-            "created": _now(),
-            "updated": _now(),
+            "created": now(),
+            "updated": now(),
             "num_clients": int(num_clients),
             "num_params": int(num_params),
         }
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            size = sum(a.nbytes for a in clients.values()) + len(config_yaml) + _METADATA_BYTES
-            _write_atomically(path, lambda tmp: _write_new(tmp, attrs, clients), size)
+            size = sum(a.nbytes for a in clients.values()) + len(config_yaml) + METADATA_BYTES
+            write_atomically(path, lambda tmp: _write_new(tmp, attrs, clients), size)
         except (OSError, RuntimeError) as exc:
             raise UserError(f"could not create {path}: {reason(exc)}") from exc
         return cls._attach(path)
@@ -208,7 +140,7 @@ class RunFile:
                 )
             _verify(file)
         try:
-            _write_atomically(path, lambda tmp: _copy_file(path, tmp), path.stat().st_size + _METADATA_BYTES)
+            write_atomically(path, lambda tmp: _copy_file(path, tmp), path.stat().st_size + METADATA_BYTES)
         except H5_ERRORS as exc:
             if isinstance(exc, OSError) and exc.errno:  # the disk, not the file
                 raise UserError(f"could not rewrite {path} to continue the run: {reason(exc)}") from exc
@@ -219,7 +151,7 @@ class RunFile:
     def _attach(cls, path: Path) -> RunFile:
         """Open a checked run file for appending (cutting a partly written round)."""
         try:
-            file = open_h5(path, "r+", **_NO_CACHE)
+            file = open_h5(path, "r+", **NO_CACHE)
         except (OSError, RuntimeError) as exc:
             raise UserError(f"could not open {path}: it is unreadable or corrupt ({reason(exc)})") from exc
         run = cls(path, file)
@@ -257,10 +189,10 @@ class RunFile:
         widened. Without a ``round`` key the row gets the previous round + 1 (0 at first).
         The row is flushed and fsynced before returning.
         """
-        values = {str(k): _column_value(str(k), v) for k, v in row.items()}
+        values = {str(k): column_value(str(k), v) for k, v in row.items()}
         if "round" not in values:
             last = self.last_round()
-            values["round"] = np.asarray(0 if last is None else last + 1, dtype=_INT)
+            values["round"] = np.asarray(0 if last is None else last + 1, dtype=INT)
         self._check_row(values)
         group, n = self._rounds(), self.rounds_done()
 
@@ -274,8 +206,8 @@ class RunFile:
                 ds = group[name]
                 ds.resize(n + 1, axis=0)
                 # explicit fill: a chunk cut by truncate_rounds may still hold the old row
-                ds[n] = values[name].astype(ds.dtype, copy=False) if name in values else _fill(ds.dtype)
-            self.file.attrs["updated"] = _now()
+                ds[n] = values[name].astype(ds.dtype, copy=False) if name in values else fill(ds.dtype)
+            self.file.attrs["updated"] = now()
 
         self._write("round", self._row_bytes(group, values, n), write)
 
@@ -300,7 +232,7 @@ class RunFile:
         if self.broken is not None:
             raise UserError(f"{where}: an earlier write failed ({self.broken})")
         try:
-            ensure_space(self.path.parent, nbytes + _METADATA_BYTES)
+            ensure_space(self.path.parent, nbytes + METADATA_BYTES)
         except OSError as exc:
             raise UserError(f"{where}: {reason(exc)} (it keeps the {self.rounds_done()} rounds written so far)") from exc
         try:
@@ -318,8 +250,8 @@ class RunFile:
             shape = values[name].shape if name in values else group[name].shape[1:]
             row = 8 * int(np.prod(shape, dtype=np.int64))  # no column dtype is wider than 8 bytes
             old = group[name] if name in group else None
-            chunk = old.chunks[0] if old is not None and old.chunks else _chunk_rows(shape, 8)
-            widened = old is not None and name in values and _RANK.get(old.dtype, 2) < _RANK[values[name].dtype]
+            chunk = old.chunks[0] if old is not None and old.chunks else chunk_rows(shape, 8)
+            widened = old is not None and name in values and RANK.get(old.dtype, 2) < RANK[values[name].dtype]
             if old is None or widened or rows % chunk == 0:
                 total += chunk * row + 4096
             if widened:
@@ -336,21 +268,21 @@ class RunFile:
                 raise ValueError(
                     f"round column {name!r} has rows of shape {group[name].shape[1:]}, got {value.shape}"
                 )
-        if values["round"].shape != () or values["round"].dtype != _INT:
+        if values["round"].shape != () or values["round"].dtype != INT:
             raise ValueError(f"the round column must be an integer scalar, got {values['round']!r}")
 
     @staticmethod
     def _prepare_column(group: h5py.Group, name: str, value: np.ndarray, rows: int) -> None:
         """Create the column (back-filled) or widen its dtype so that ``value`` fits."""
         if name not in group:
-            _extendable(group, name, rows, value.shape, value.dtype)
+            extendable(group, name, rows, value.shape, value.dtype)
             return
         old = group[name]
-        if _RANK.get(old.dtype, 2) >= _RANK[value.dtype]:
+        if RANK.get(old.dtype, 2) >= RANK[value.dtype]:
             return
         data = old[:rows].astype(value.dtype)
         del group[name]
-        _extendable(group, name, rows, value.shape, value.dtype)[:rows] = data
+        extendable(group, name, rows, value.shape, value.dtype)[:rows] = data
 
     def truncate_rounds(self, n: int) -> None:
         """Keep the first ``n`` rows of every /rounds column (and /global rows up to that round).
@@ -392,7 +324,7 @@ class RunFile:
         if "weights" not in group:
             group.create_dataset("weights", shape=(0, w.size), maxshape=(None, w.size), dtype=np.float32,
                                  chunks=(1, max(w.size, 1)))
-            _extendable(group, "round", 0, (), _INT)
+            extendable(group, "round", 0, (), INT)
         ws, rs = group["weights"], group["round"]
         if ws.shape[1] != w.size:
             raise ValueError(f"global weights have {ws.shape[1]} parameters, got {w.size}")
@@ -431,7 +363,7 @@ class RunFile:
 
         def write() -> None:
             self.file.attrs[name] = value
-            self.file.attrs["updated"] = _now()
+            self.file.attrs["updated"] = now()
 
         self._write(f"the attribute {name}", 0, write)
 
@@ -507,7 +439,7 @@ class RunFile:
 def _complete_rows(group: h5py.Group) -> int:
     """The rows every dataset of ``group`` holds, less a last one whose ``round`` was never written."""
     n = min((ds.shape[0] for ds in group.values()), default=0)
-    if n and "round" in group and group["round"][n - 1] == _fill(_INT):
+    if n and "round" in group and group["round"][n - 1] == fill(INT):
         n -= 1
     return n
 
@@ -570,53 +502,6 @@ def _copy_group(src: h5py.Group, dst: h5py.Group, seen: set[int]) -> None:
                 copy.attrs[key] = value
 
 
-def _write_atomically(path: Path, fill: Callable[[Path], None], nbytes: int) -> None:
-    """Write ``path`` through ``fill(tmp)`` on a temporary file beside it, fsync, rename.
-
-    The disk must first hold ``nbytes`` (``ensure_space``); on any failure the temporary file
-    is removed and ``path`` is as it was.
-    """
-    ensure_space(path.parent, nbytes)
-    tmp: Path | None = create_temp(path.parent, f".{path.name}.", ".tmp")
-    try:
-        fill(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        tmp = None
-        fsync_path(path.parent)
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-
-
-def _split_partition(clients: h5py.Group) -> list[np.ndarray]:
-    flat = clients["partition_indices"][()]
-    offsets = clients["partition_offsets"][()]
-    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-
-
-def _stored_hash(path: Path, file: h5py.File) -> str:
-    if "config_hash" not in file.attrs:
-        raise UserError(f"{path} is not an fdcr_mpi run file (it has no config_hash attribute)")
-    return _text(file.attrs["config_hash"])
-
-
-def _text(value: Any) -> str:
-    """An HDF5 string attribute as str (h5py may give bytes)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def stored_config(file: h5py.File) -> dict[str, Any]:
-    """The config stored in a run file, as a mapping; ValueError if its text is damaged."""
-    try:
-        config = yaml.safe_load(_text(file.attrs.get("config", "")))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"its config text is damaged: {str(exc).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise ValueError("its config text is damaged (not a mapping)")
-    return config
-
-
 def _planned_rounds(file: h5py.File) -> int | None:
     """``rounds`` of the stored config (None when it has none)."""
     with contextlib.suppress(ValueError):
@@ -649,24 +534,13 @@ def _verify(file: h5py.File) -> None:
         raise ValueError("the partition offsets are damaged")
 
 
-def _check_sizes(file: h5py.File, size: int) -> None:
-    """ValueError for a dataset that claims more bytes than the whole file (a damaged header):
-    reading it would ask for petabytes."""
-
-    def visit(name: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset) and obj.size * obj.dtype.itemsize > size:
-            raise ValueError(f"{name} claims a shape of {obj.shape}, more than the file holds")
-
-    file.visititems(visit)
-
-
 def _row_slices(ds: h5py.Dataset) -> Iterator[Any]:
-    """Selections that cover ``ds`` in pieces of about _READ_ROWS_BYTES (one ``()`` for a scalar)."""
+    """Selections that cover ``ds`` in pieces of about READ_ROWS_BYTES (one ``()`` for a scalar)."""
     if ds.ndim == 0:
         yield ()
         return
     row = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
-    step = max(1, _READ_ROWS_BYTES // row)
+    step = max(1, READ_ROWS_BYTES // row)
     for start in range(0, ds.shape[0], step):
         yield slice(start, start + step)
 
@@ -680,127 +554,3 @@ def _read_all(ds: h5py.Dataset) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-def _open_read(path: str | os.PathLike[str]) -> h5py.File:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"there is no run file {path}")
-    try:
-        return open_h5(path, "r")
-    except H5_ERRORS as exc:
-        raise UserError(f"could not read {path}: it is unreadable or corrupt ({reason(exc)})") from exc
-
-
-@contextlib.contextmanager
-def reading(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
-    """The run file open for reading; what HDF5 (or YAML, on its config) raises on a damaged file
-    becomes one UserError."""
-    file = _open_read(path)
-    try:
-        with file:
-            _check_sizes(file, Path(path).stat().st_size)
-            yield file
-    except (*H5_ERRORS, yaml.YAMLError) as exc:
-        raise UserError(f"could not read {path}: it is unreadable or corrupt ({reason(exc)})") from None
-
-
-def _rounds_of(file: h5py.File) -> dict[str, np.ndarray]:
-    if "rounds" not in file:
-        return {}
-    columns = {name: ds[()] for name, ds in file["rounds"].items() if isinstance(ds, h5py.Dataset)}
-    n = min((c.shape[0] for c in columns.values()), default=0)
-    return {name: c[:n] for name, c in columns.items()}
-
-
-def stored_status(path: str | os.PathLike[str]) -> tuple[str, str | None]:
-    """(status, config hash) of a run file; ``complete`` only with every planned round present
-    (else ``running``: resuming it finishes it). UserError if the file is damaged."""
-    with reading(path) as f:
-        planned = stored_config(f).get("rounds")
-        status, stored = _text(f.attrs.get("status", "running")), f.attrs.get("config_hash")
-        rows = f["rounds/round"].shape[0] if "rounds/round" in f else 0
-    if status == "complete" and isinstance(planned, int) and rows < planned:
-        status = "running"
-    return status, None if stored is None else _text(stored)
-
-
-def read_rounds(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Every /rounds column as an array with one row per round (works on a live run too)."""
-    with reading(path) as f:
-        return _rounds_of(f)
-
-
-def _mean(values: np.ndarray | None) -> float | None:
-    """nan-mean of a numeric column, None when it is absent or holds no finite value."""
-    if values is None or values.size == 0:
-        return None
-    data = np.asarray(values, dtype=np.float64)
-    finite = data[np.isfinite(data)]
-    return float(finite.mean()) if finite.size else None
-
-
-def _attr(file: h5py.File, name: str) -> Any:
-    value = file.attrs.get(name)
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def read_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What ``fdcr-mpi inspect`` shows: status, config, rounds done, final A/R/V and the paper's
-    R_paper/V_paper, detection rates.
-
-    A damaged file (unreadable objects, config text that is not YAML) is a UserError.
-    """
-    with reading(path) as f:
-        stored_config(f)
-        rounds = _rounds_of(f)
-        malicious = f["clients/malicious"][()] if "clients/malicious" in f else None
-        summary = {name: _attr(f, name) for name in ("config", "config_hash", "version", "status", "created",
-                                                     "updated", "num_clients", "num_params", "final_sha256")}
-        n = min((c.shape[0] for c in rounds.values()), default=0)
-        summary.update(
-            path=str(path),
-            rounds_done=n,
-            last_round=int(rounds["round"][-1]) if n and "round" in rounds else None,
-            num_malicious=int(np.sum(malicious)) if malicious is not None else None,
-        )
-        from fdcr_mpi.metrics import paper_columns  # torch: only when summarising
-
-        columns = {**rounds, **paper_columns(rounds)}  # R_paper, V_paper (derived in older run files)
-        for name in ("A", "R", "V", "R_paper", "V_paper"):
-            column = columns.get(name)
-            summary[f"final_{name}"] = _mean(column[-FINAL_WINDOW:]) if column is not None else None
-        summary["tpr_mean"] = _mean(rounds.get("tpr"))
-        summary["fpr_mean"] = _mean(rounds.get("fpr"))
-    return summary
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"
-
-
-def format_summary(summary: Mapping[str, Any], *, with_config: bool = False) -> str:
-    """A few aligned lines for humans (the config text only when ``with_config``)."""
-    lines = [
-        ("run file", summary.get("path")),
-        ("status", summary.get("status")),
-        ("version", summary.get("version")),
-        ("created", summary.get("created")),
-        ("config hash", summary.get("config_hash")),
-        ("clients", f"{summary.get('num_clients')} ({summary.get('num_malicious')} malicious)"),
-        ("rounds done", f"{summary.get('rounds_done')} (last round {summary.get('last_round')})"),
-        (f"final (last {FINAL_WINDOW})", "  ".join(f"{k} {_fmt(summary.get(f'final_{k}'))}" for k in "ARV")
-         + "  (R: triggered images of the other classes)"),
-        ("paper's metric", f"R_paper {_fmt(summary.get('final_R_paper'))}  V_paper {_fmt(summary.get('final_V_paper'))}"
-         "  (R_paper: every triggered image, as the paper's tables)"),
-        ("detection", f"TPR {_fmt(summary.get('tpr_mean'))}  FPR {_fmt(summary.get('fpr_mean'))} (mean over rounds)"),
-    ]
-    if summary.get("final_sha256"):
-        lines.append(("final sha256", summary["final_sha256"]))
-    width = max(len(k) for k, _ in lines)
-    text = "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
-    if with_config and summary.get("config"):
-        text += "\n\nconfig:\n" + str(summary["config"]).rstrip()
-    return text

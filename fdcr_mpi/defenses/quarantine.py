@@ -15,6 +15,7 @@ import torch
 
 from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult
 from fdcr_mpi.defenses.ops import RowsOnServer
+from fdcr_mpi.store.schema import fill
 
 
 def faulty_rows(inputs: RoundInputs) -> np.ndarray:
@@ -78,8 +79,8 @@ def expand_result(result: RoundResult, keep: np.ndarray, num_clients: int) -> Ro
     for name, value in result.diagnostics.items():
         array = np.asarray(value)
         if array.ndim == 1 and array.shape[0] == keep.size:
-            floating = array.dtype.kind == "f"
-            full = np.full(num_clients, np.nan if floating else -1, dtype=array.dtype if floating else np.int64)
+            dtype = array.dtype if array.dtype.kind in "bf" else np.dtype(np.int64)
+            full = np.full(num_clients, fill(dtype), dtype=dtype)  # the run file's fill: nan, -1 or False
             full[keep] = array
             diagnostics[name] = full
         else:

@@ -38,7 +38,8 @@ class RoundPlan:
         return cls(selected=selected, rows_per_rank=[int(chosen[b].sum()) for b in blocks])
 
     def spread(self, values: np.ndarray, num_clients: int, fill: object) -> np.ndarray:
-        """Per-participant values as a (K,) array in client order, ``fill`` for the others."""
+        """Per-participant values as a (K,) array in client order, ``fill`` for the others (the run
+        file's fill for the values' dtype: ``store.schema.fill``)."""
         values = np.asarray(values)
         out = np.full(num_clients, fill, dtype=values.dtype if values.dtype.kind != "f" else np.float64)
         out[self.selected] = values

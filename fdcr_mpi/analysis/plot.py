@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fdcr_mpi.errors import UserError
-from fdcr_mpi.report import (
+from fdcr_mpi.analysis.report import (
     METHODS,
     ROW_KEY,
     Cell,
@@ -31,6 +30,7 @@ from fdcr_mpi.report import (
     load_records,
     method_label,
 )
+from fdcr_mpi.errors import UserError
 
 BENIGN, ATTACKER = "#1f77b4", "#d62728"
 DPI = 120

@@ -1,36 +1,37 @@
-"""Crash-safe checkpoints (DIR/checkpoints/round_NNNN.h5) and the run-directory lock.
+"""Crash-safe checkpoints (DIR/checkpoints/round_NNNN.h5).
 
 A checkpoint is written to a temporary file in the same directory, checksummed (sha256 over
 every dataset in a fixed order, stored as the ``checksum`` attribute), fsynced and renamed, so
 that the final name only ever holds a complete file. Loading walks the checkpoints newest
 first and skips (with a warning) any that is truncated or whose checksum does not match.
-``RunLock`` keeps two live runs out of one directory; the kernel drops the lock when its
-holder dies, so a lock file left behind by a killed job never blocks a resume.
 
 Only rank 0 calls this module.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import hashlib
 import os
 import re
-import secrets
-import socket
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from types import TracebackType
 
 import h5py
 import numpy as np
 
 from fdcr_mpi.errors import UserError
+from fdcr_mpi.store.disk import (
+    H5_ERRORS,
+    create_temp,
+    ensure_space,
+    fsync_path,
+    open_h5,
+    reason,
+    remove_quietly,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = 1
@@ -39,96 +40,11 @@ _TMP_PREFIX = ".round_"
 _TMP_SUFFIX = ".h5.tmp"
 _GROUPS = ("rng", "defense", "extra")
 # What h5py/HDF5 raise on a damaged file; anything of these while reading means "corrupt".
-H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError)
-
-
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped because it is truncated or corrupt."""
 
 
 # ----------------------------------------------------------------------------- file helpers
-
-
-def open_h5(path: str | os.PathLike[str], mode: str, **options: object) -> h5py.File:
-    """``h5py.File`` without HDF5's own file locking (``options`` go to ``h5py.File``).
-
-    The single writer is guaranteed by ``RunLock``; with HDF5 locking off, h5py/pandas can
-    read a live run's file, and file systems without lock support (Lustre, some NFS) work.
-    """
-    try:
-        return h5py.File(path, mode, locking=False, **options)
-    except (TypeError, ValueError):  # HDF5 built without the locking switch
-        return h5py.File(path, mode, **options)
-
-
-def create_temp(folder: Path, prefix: str, suffix: str) -> Path:
-    """A new empty file ``folder/<prefix><random><suffix>`` with the mode the umask allows.
-
-    (``tempfile.mkstemp`` makes 0600 files, which a group's project directory cannot read
-    once they are renamed into place.)
-    """
-    for _ in range(100):
-        path = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return path
-    raise FileExistsError(f"no free temporary name in {folder}")
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file (opened read-write) or, for a directory, its entries; errors on dirs ignored."""
-    if path.is_dir():
-        with contextlib.suppress(OSError):  # some file systems refuse fsync on a directory
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-SPACE_PROBE = ".space-probe"
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def ensure_space(folder: Path, nbytes: int) -> None:
-    """Raise ``OSError`` (ENOSPC, EDQUOT) unless ``nbytes`` can be allocated in ``folder`` now.
-
-    HDF5 must never meet a full disk: after a failed write its handle cannot be closed cleanly
-    (tracebacks, then a segfault at exit) and the file may be left unreadable. So each write
-    first allocates its size in a hidden probe file (this sees quotas, unlike statvfs), then
-    frees it for HDF5. A file system without ``fallocate`` support is not checked.
-    """
-    probe = folder / SPACE_PROBE
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o666)
-    try:
-        os.posix_fallocate(fd, 0, max(1, int(nbytes)))
-    except OSError as exc:
-        if exc.errno in _NO_SPACE:
-            raise
-    finally:
-        os.close(fd)
-        _remove_quietly(probe)
-
-
-def reason(exc: BaseException) -> str:
-    """The short human reason of an OS or HDF5 error ("No space left on device")."""
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)
-    text = str(exc)
-    if m := re.search(r"errno = (\d+)", text):  # HDF5 reports the OS error inside its message
-        return os.strerror(int(m.group(1)))
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# ----------------------------------------------------------------------------- checksums
 
 
 def _as_array(name: str, value: object) -> np.ndarray:
@@ -216,21 +132,16 @@ def _write_file(tmp: Path, round_: int, config_hash: str, arrays: dict[str, np.n
     fsync_path(tmp)
 
 
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
-
-
 def _prune(run_dir: Path, newest: int, keep: int) -> None:
     """Drop checkpoints after ``newest`` (an abandoned future), all but the last ``keep``, stale temps."""
     ckpts = list_checkpoints(run_dir)
     later = [p for r, p in ckpts if r > newest]
     kept = [p for r, p in ckpts if r <= newest]
     for p in later + kept[: max(len(kept) - keep, 0)]:
-        _remove_quietly(p)
+        remove_quietly(p)
     folder = checkpoint_dir(run_dir)
     for p in folder.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
-        _remove_quietly(p)  # RunLock makes us the only writer: any temp file left is stale
+        remove_quietly(p)  # RunLock makes us the only writer: any temp file left is stale
 
 
 def write_checkpoint(
@@ -266,7 +177,7 @@ def write_checkpoint(
         raise UserError(f"could not write checkpoint {final}: {reason(exc)}") from exc
     finally:
         if tmp is not None:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
     _prune(Path(run_dir), int(round), keep)
     return final
 
@@ -350,73 +261,3 @@ def load_latest_checkpoint(run_dir: str | os.PathLike[str], config_hash: str) ->
 
 
 # ----------------------------------------------------------------------------- lock
-
-
-class RunLock:
-    """Exclusive ``flock`` on DIR/.lock for the life of a run (holder's pid and host inside).
-
-    The kernel releases the lock when the holding process dies, even on SIGKILL, so a
-    leftover lock file never blocks. On a file system without lock support a warning is
-    given and the run goes on unlocked.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / ".lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        """Take the lock or raise UserError naming the live holder."""
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise UserError(f"could not create the lock file {self.path}: {reason(exc)}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(f"{self.run_dir} is in use by a live run ({holder})") from None
-            warnings.warn(f"could not lock {self.path} ({reason(exc)}); make sure no other run uses "
-                          f"{self.run_dir}", RuntimeWarning, stacklevel=2)
-            return self
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        """Empty the lock file and drop the lock (the file itself stays: unlinking would race)."""
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-    @property
-    def held(self) -> bool:
-        """Whether this object holds the lock."""
-        return self._fd is not None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
-
-
-def _read_holder(fd: int) -> str:
-    """"pid N on HOST" from a lock file's contents, or a vaguer phrase if it is empty."""
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        text = os.pread(fd, 256, 0).decode().split()
-        if len(text) >= 2:
-            return f"pid {text[0]} on {text[1]}"
-    return "pid unknown"
-

@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
     lst.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                      help="also list what this module or .py file registers; repeatable")
 
-    from fdcr_mpi.cli_sweep import register
+    from fdcr_mpi.cli.sweep import register
 
     register(sub)
     return p
@@ -98,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path, overrides = split_items(args.items)
     if args.sweep is not None or args.index is not None:
-        from fdcr_mpi.cli_sweep import sweep_run
+        from fdcr_mpi.cli.sweep import sweep_run
 
         if args.sweep is None or args.index is None:
             raise UserError("--sweep and --index go together: fdcr-mpi run --sweep FILE --index I")
@@ -199,7 +199,7 @@ COMMANDS = {"run": cmd_run, "resume": cmd_resume, "inspect": cmd_inspect, "list"
 def dispatch(args: argparse.Namespace) -> int:
     if args.command in COMMANDS:
         return COMMANDS[args.command](args)
-    return args.handler(args)  # commands registered by fdcr_mpi.cli_sweep
+    return args.handler(args)  # commands registered by fdcr_mpi.cli.sweep
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     slurm.add_argument("--template", type=Path, help="the template (default jobs/sweep.sbatch.tmpl)")
     slurm.add_argument("--data-root", help="dataset root passed to every run")
     slurm.add_argument("--ranks", type=int, help="MPI ranks per run (1 server + clients)")
+    slurm.add_argument("--nodes", type=int, help="nodes per run (the ranks go round them, rank 0 on the first)")
     slurm.add_argument("--cpus-per-task", type=int, help="CPUs per rank")
-    slurm.add_argument("--gpus", type=int, help="GPUs per run (on one node)")
+    slurm.add_argument("--gpus", type=int, help="GPUs per node of a run")
     slurm.add_argument("--time", help="time limit per run, e.g. 02:00:00")
     slurm.add_argument("--throttle", type=int, help="at most this many runs at once (%%M)")
     slurm.add_argument("--partition")
@@ -86,7 +87,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     from fdcr_mpi.sweep import TEMPLATE, load_sweep, slurm_options, submit, write_job
 
     sweep = load_sweep(args.file, args.out_root)
-    options = slurm_options(sweep, ranks=args.ranks, cpus_per_task=args.cpus_per_task, gpus=args.gpus,
+    options = slurm_options(sweep, ranks=args.ranks, nodes=args.nodes, cpus_per_task=args.cpus_per_task, gpus=args.gpus,
                             time=args.time, throttle=args.throttle, partition=args.partition,
                             account=args.account, qos=args.qos, mem=args.mem, mpi=args.mpi,
                             signal_seconds=args.signal_seconds)
@@ -110,7 +111,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fdcr_mpi.report import write_report
+    from fdcr_mpi.analysis.report import write_report
 
     out = args.out or args.dirs[0] / "report"
     for path in write_report(args.dirs, out, reference=args.reference, partial=args.partial):
@@ -119,7 +120,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from fdcr_mpi.plot import plot_dirs
+    from fdcr_mpi.analysis.plot import plot_dirs
 
     out = args.out or args.dirs[0] / "figures"
     for path in plot_dirs(args.dirs, out, partial=args.partial):

@@ -28,8 +28,8 @@ import numpy as np
 
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.reference import LABELS, Table, packaged, paper_figures, read_table
+from fdcr_mpi.store.schema import RUN_FILE
 
-RUN_FILE = "run.h5"
 METRICS = ("A", "R_paper", "V_paper", "R", "V")
 PAPER_METRICS = {"A": "A", "R_paper": "R", "V_paper": "V"}  # our column: the paper's figure measured the same way
 ROW_KEY = "defense.name"
