@@ -23,7 +23,7 @@ def test_builtin_defenses_registered():
 
 def test_dropped_in_module_registers_itself(tmp_path, monkeypatch):
     """A file in a defense package registers on import, with no edit of __init__."""
-    monkeypatch.setattr(base_module, "_REGISTRY", dict(base_module._REGISTRY))
+    monkeypatch.setattr(base_module.REGISTRY, "classes", dict(base_module.REGISTRY.classes))
     pkg = tmp_path / "extra_defs_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")

@@ -16,7 +16,6 @@ module in this package (or the user's own, loaded with ``--plugin``) with a clas
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -27,6 +26,7 @@ from fdcr_mpi.client.train import ClientData
 from fdcr_mpi.data.datasets import DatasetSpec
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.models import FlatModel
+from fdcr_mpi.registry import Registry
 
 if TYPE_CHECKING:
     from fdcr_mpi.config import BaseConfig
@@ -63,31 +63,16 @@ class Attack:
         return data.clean_part() if self.config.attack.fisher == "mimic" else data
 
 
-_REGISTRY: dict[str, type[Attack]] = {}
-
-
-def register(name: str) -> Callable[[type[Attack]], type[Attack]]:
-    """Class decorator: make an attack available as ``attack.kind: name``."""
-
-    def wrap(cls: type[Attack]) -> type[Attack]:
-        if name in _REGISTRY:
-            raise ValueError(f"attack {name!r} registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def available() -> dict[str, type[Attack]]:
-    """Registered attacks by name, sorted."""
-    return dict(sorted(_REGISTRY.items()))
+REGISTRY: Registry[Attack] = Registry("attack")
+register = REGISTRY.register
+"""Class decorator: make an attack available as ``attack.kind: name``."""
+available = REGISTRY.available
 
 
 def create(config: BaseConfig) -> Attack:
     """The attack ``attack.kind`` of ``config``; an unknown name is a ``UserError``."""
     name = config.attack.kind
-    if name not in _REGISTRY:
+    if name not in REGISTRY.classes:
         raise UserError(f"config key 'attack.kind' has the invalid value {name!r}; "
-                        f"choose one of: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](config)
+                        f"choose one of: {REGISTRY.choices()}")
+    return REGISTRY.classes[name](config)

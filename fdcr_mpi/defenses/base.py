@@ -17,6 +17,7 @@ import pydantic
 import torch
 
 from fdcr_mpi.errors import UserError, describe_validation_error
+from fdcr_mpi.registry import Registry
 
 if TYPE_CHECKING:
     from fdcr_mpi.defenses.ops import ClientOps
@@ -170,30 +171,14 @@ class Defense:
             raise UserError(f"the checkpoint holds state for defense {self.name!r}, which keeps none")
 
 
-_REGISTRY: dict[str, type[Defense]] = {}
-
-
-def register(name: str) -> Callable[[type[Defense]], type[Defense]]:
-    """Class decorator: make a defense available under ``name``."""
-
-    def wrap(cls: type[Defense]) -> type[Defense]:
-        if name in _REGISTRY:
-            raise ValueError(f"defense {name!r} registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def available() -> dict[str, type[Defense]]:
-    """Registered defenses by name, sorted."""
-    return dict(sorted(_REGISTRY.items()))
+REGISTRY: Registry[Defense] = Registry("defense")
+register = REGISTRY.register
+"""Class decorator: make a defense available as ``defense.name: name``."""
+available = REGISTRY.available
 
 
 def create(name: str, **options: Any) -> Defense:
     """Instantiate a registered defense; an unknown name or option is a ``UserError``."""
-    if name not in _REGISTRY:
-        choices = ", ".join(sorted(_REGISTRY))
-        raise UserError(f"unknown defense {name!r}; choose one of: {choices}")
-    return _REGISTRY[name](**options)
+    if name not in REGISTRY.classes:
+        raise UserError(f"unknown defense {name!r}; choose one of: {REGISTRY.choices()}")
+    return REGISTRY.classes[name](**options)
