@@ -317,17 +317,23 @@ def test_the_job_lists_only_the_runs_still_to_do(tmp_path: Path) -> None:
     assert write_job(sweep, options)[0] is None
 
 
+def script_lines(text: str) -> str:
+    """A job script without its comments (``#SBATCH`` lines are kept: they are directives)."""
+    return "\n".join(line for line in text.splitlines()
+                     if line.startswith("#SBATCH") or not line.lstrip().startswith("#"))
+
+
 def test_a_gpu_sweep_spreads_each_run_over_its_nodes(tmp_path: Path) -> None:
     path = write_sweep(tmp_path / "s.yaml", out=str(tmp_path / "root"), overrides=TINY, axes={"seed": [0, 1]})
     sweep = load_sweep(path)
     script, _, _ = write_job(sweep, slurm_options(sweep, nodes=2, gpus=4, ranks=9, cpus_per_task=4))
-    text = script.read_text()
+    text = script_lines(script.read_text())
     for line in ("#SBATCH --ntasks=9", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=5", "#SBATCH --gres=gpu:4",
                  "#SBATCH --cpus-per-task=4", 'export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"',
                  "srun --mpi=pmi2 --distribution=cyclic "):
         assert line in text, line
     assert "--nodes=1" not in text and "runtime.threads" not in text  # threads follow each rank's binding
-    one_node = write_job(sweep, slurm_options(sweep, gpus=1))[0].read_text()
+    one_node = script_lines(write_job(sweep, slurm_options(sweep, gpus=1))[0].read_text())
     assert "#SBATCH --nodes=1" in one_node and "--distribution" not in one_node and "ntasks-per-node" not in one_node
     with pytest.raises(UserError, match="3 nodes need at least 3 ranks"):
         slurm_options(sweep, nodes=3, ranks=2)
