@@ -11,11 +11,13 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,mpich,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,mpich,analysis,test]'
 	touch $(STAMP)
 
+# Again: resumes an interrupted run, or reports the finished one (make run RESTART=--restart starts over).
+RESTART ?=
 run: install
-	$(VENV)/bin/fdcr-mpi run configs/quickstart.yaml --out $(OUT) --restart
+	$(VENV)/bin/fdcr-mpi run configs/quickstart.yaml --out $(OUT) $(RESTART)
 
 test: install lint
 	$(PY) -m pytest -q

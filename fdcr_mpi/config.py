@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -257,10 +258,11 @@ def validate(data: Any) -> BaseConfig:
     from fdcr_mpi.plugins import import_plugins
 
     import_plugins(plugins)
+    schema = _schema()
     try:
-        config = _schema().model_validate(data)
+        config = schema.model_validate(data)
     except pydantic.ValidationError as exc:
-        raise UserError(describe_validation_error(exc)) from None
+        raise UserError(describe_validation_error(exc, schema=schema)) from None
     except RecursionError:
         raise UserError("the config is nested too deeply to be a config") from None
     _check_numbers(config)
@@ -345,8 +347,12 @@ def _check_participation(config: BaseConfig, defense: type) -> None:
         raise UserError("train.batch_clients > 1 needs a model without BatchNorm (simple_cnn or cnn_1m)")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> BaseConfig:
-    """The validated config from an optional YAML file and dotted overrides (later wins)."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+                warn_unused: bool = True) -> BaseConfig:
+    """The validated config from an optional YAML file and dotted overrides (later wins).
+
+    ``warn_unused``: warn about options set for a defense the run does not use (a sweep, whose
+    runs share the options of every defense it compares, turns it off)."""
     parts = [OmegaConf.create({})]
     if path is not None:
         parts.append(_load_yaml(path))
@@ -358,7 +364,22 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         merged = OmegaConf.to_container(OmegaConf.merge(*parts), resolve=True)
     except (OmegaConfBaseException, TypeError, ValueError, RecursionError) as exc:
         raise UserError(f"could not merge the config: {str(exc).splitlines()[0]}") from None
-    return validate(merged)
+    config = validate(merged)
+    if warn_unused:
+        warn_unused_options(config, merged)
+    return config
+
+
+def warn_unused_options(config: BaseConfig, given: dict[str, Any]) -> None:
+    """A warning for each option section the user set of a defense this run does not use (its
+    values are ignored, and left out of the config hash)."""
+    from fdcr_mpi.defenses import available
+
+    for name in available():
+        if name != config.defense.name and given.get(name):
+            keys = ", ".join(f"{name}.{key}" for key in given[name])
+            warnings.warn(f"{keys} set, but the defense is {config.defense.name}: ignored", UserWarning,
+                          stacklevel=3)
 
 
 def to_yaml(config: BaseConfig) -> str:

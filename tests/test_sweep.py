@@ -151,7 +151,7 @@ def fake_run(out: Path, overrides: list[str], *, a: list[float], r: list[float],
     """A run file written through the store, with chosen A and R per round (V = (A + R) / 2) and the
     ASR over every triggered image 10 points above the ASR of the other classes (the columns a run
     file held before R_paper was stored: the report derives R_paper = R - 10 from them)."""
-    config = load_config(None, overrides)
+    config = load_config(None, overrides, warn_unused=False)  # like a sweep's runs
     k = config.data.num_clients
     malicious = np.zeros(k, bool)
     malicious[-seed_malicious:] = True

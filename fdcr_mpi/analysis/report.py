@@ -281,7 +281,15 @@ def build_layout(records: Sequence[RunRecord]) -> Layout:
     for r in records:
         key = (tuple(r.config.get(k) for k in table_keys), tuple(r.config.get(k) for k in column_keys),
                r.config.get(ROW_KEY))
-        cells.setdefault(key, Cell()).records.append(r)
+        cell = cells.setdefault(key, Cell())
+        twin = next((other for other in cell.records if other.seed == r.seed), None)
+        if twin is not None:  # the same setting and seed again (a copied run directory): one seed, not two
+            from fdcr_mpi.store import RunFileWarning
+
+            warnings.warn(f"left out {r.path.parent}: the same setting and seed as {twin.path.parent}",
+                          RunFileWarning, stacklevel=2)
+            continue
+        cell.records.append(r)
     return Layout(table_keys, column_keys, cells)
 
 

@@ -1,4 +1,5 @@
-"""``fdcr-mpi``: run | resume | inspect | list. ``python -m fdcr_mpi`` is the same program.
+"""``fdcr-mpi``: run | resume | inspect | list | config | compare | sweep | report | plot.
+``python -m fdcr_mpi`` is the same program.
 
 Every user error ends in one sentence on stderr (printed by rank 0 only) and exit code 2;
 a run stopped by SIGTERM/SIGUSR1 exits 75 after leaving a resumable checkpoint. Warnings are
@@ -46,7 +47,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="fdcr-mpi", description=__doc__.splitlines()[0])
+    p = Parser(prog="fdcr-mpi", description="Backdoor attacks and defenses in federated learning, on MPI (FDCR).")
     p.add_argument("--version", action="version", version=f"fdcr-mpi {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -79,9 +80,10 @@ def parser() -> argparse.ArgumentParser:
     lst.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                      help="also list what this module or .py file registers; repeatable")
 
-    from fdcr_mpi.cli.sweep import register
+    from fdcr_mpi.cli import sweep, workbench
 
-    register(sub)
+    workbench.register(sub)
+    sweep.register(sub)
     return p
 
 
@@ -114,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from fdcr_mpi.plugins import import_plugins
 
         import_plugins(args.plugin)
-    config = load_config(path, overrides)
+    config = load_config(path, overrides, warn_unused=args.sweep is None)
     if args.plugin:
         config.plugins = [*config.plugins, *(p for p in args.plugin if p not in config.plugins)]
     out = args.out or Path("runs") / config_hash(config)

@@ -146,7 +146,7 @@ class Defense:
         try:
             self.options = self.Options(**options)
         except pydantic.ValidationError as exc:
-            raise UserError(describe_validation_error(exc, prefix=self.name)) from None
+            raise UserError(describe_validation_error(exc, prefix=self.name, schema=self.Options)) from None
 
     def aggregate(self, inputs: RoundInputs) -> RoundResult:
         """One round on every client's row, held by the server. A ``reducible`` defense is written

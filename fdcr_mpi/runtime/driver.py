@@ -34,6 +34,7 @@ from fdcr_mpi.defenses import create
 from fdcr_mpi.defenses.base import Defense, ProxyData
 from fdcr_mpi.errors import Preempted, UserError
 from fdcr_mpi.models import build_model
+from fdcr_mpi.program import resume_command
 from fdcr_mpi.runtime import numerics, placement, sentinel
 from fdcr_mpi.runtime.allocator import tune_malloc
 from fdcr_mpi.runtime.clients import ClientRunner
@@ -267,7 +268,7 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
         digest = recorder.finish(weights, "complete" if done else "preempted")
         if not done:
             raise Preempted(f"stopped by signal {stop.signum} after round "
-                            f"{rounds_done}; resume with: fdcr-mpi resume {out}")
+                            f"{rounds_done}; resume with: {resume_command(out)}")
         print_final(out / RUN_FILE, config, digest, quiet)
         return 0
     except Preempted:
@@ -369,10 +370,12 @@ def print_final(path: Path, config: BaseConfig, digest: str, quiet: bool) -> Non
     from fdcr_mpi.store import read_rounds
 
     rounds = read_rounds(path)
-    last = config.eval.final_rounds
-    figures = {name: metrics.final_figure(rounds[name], last) for name in ("A", "R", "V", "tpr", "fpr")}
+    last = max(1, min(config.eval.final_rounds, len(rounds["A"])))
+    figures = {name: metrics.final_figure(rounds[name], last) for name in ("A", "R", "V")}
+    rates = {name: metrics.mean_over_rounds(rounds[name]) for name in ("tpr", "fpr")}
     if not quiet:
-        print(f"final (mean of last {last} rounds): A {figures['A']:.2f}  R {figures['R']:.2f}  "
-              f"V {figures['V']:.2f}  detection TPR {figures['tpr']:.2f}  FPR {figures['fpr']:.2f}")
+        rounds_text = "the last round" if last == 1 else f"the last {last} rounds"
+        print(f"final (mean of {rounds_text}): A {figures['A']:.2f}  R {figures['R']:.2f}  V {figures['V']:.2f}; "
+              f"detection (mean over rounds): TPR {rates['tpr']:.2f}  FPR {rates['fpr']:.2f}")
     print(f"final model sha256: {digest}", flush=True)
     sys.stdout.flush()

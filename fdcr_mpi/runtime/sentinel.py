@@ -59,6 +59,8 @@ import sys
 import time
 from pathlib import Path
 
+from fdcr_mpi.program import resume_command
+
 FAILURE_FILE = "failure.txt"
 PREVIOUS_FAILURE_FILE = "failure.previous.txt"
 NOTE_PREFIX = ".failed-rank-"
@@ -157,7 +159,7 @@ def _spawn(out: Path, identities: list[str], blocks: list[list[int]], role: dict
         elif rank not in role.get("remote", []):
             elsewhere.append(rank)
     spec = {"out": str(out), "host": host, "ranks": watched, "elsewhere": elsewhere, "rounds_done": 0,
-            "rounds": 0, **role}
+            "rounds": 0, "resume": resume_command(out), **role}
     read_end, write_end = os.pipe()
     package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -224,6 +226,7 @@ class Watcher:
         self.ranks = {int(r): (int(pid), label) for r, (pid, label) in spec["ranks"].items()}
         self.elsewhere: list[int] = spec["elsewhere"]
         self.rounds_done, self.rounds = int(spec["rounds_done"]), int(spec["rounds"])
+        self.resume = str(spec.get("resume") or f"fdcr-mpi resume {self.out}")
         self.node = spec.get("role", "server") == "node"  # a node's watcher only records its first end
         self.recorded = False
         self.leader = int(spec.get("leader", 0))  # the rank whose pipe this watcher reads
@@ -406,7 +409,7 @@ class Watcher:
             detail += (f"; ranks {_span(self.elsewhere)} on other hosts were not watched"
                        if len(self.elsewhere) > 1 else f"; rank {self.elsewhere[0]} on another host was not watched")
         state = "the job was stopped" if self.leader_ended else "rank 0 is still running"
-        return f"fdcr-mpi: {who} {what} {when}{detail}; {state}. Resume with: fdcr-mpi resume {self.out}"
+        return f"fdcr-mpi: {who} {what} {when}{detail}; {state}. Resume with: {self.resume}"
 
     def report(self) -> None:
         self.await_remote()

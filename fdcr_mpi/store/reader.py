@@ -141,7 +141,7 @@ def read_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
     A damaged file (unreadable objects, config text that is not YAML) is a UserError.
     """
     with reading(path) as f:
-        stored_config(f)
+        config = stored_config(f)
         rounds = _rounds_of(f)
         malicious = f["clients/malicious"][()] if "clients/malicious" in f else None
         summary = {name: _attr(f, name) for name in ("config", "config_hash", "version", "status", "created",
@@ -152,16 +152,43 @@ def read_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
             rounds_done=n,
             last_round=int(rounds["round"][-1]) if n and "round" in rounds else None,
             num_malicious=int(np.sum(malicious)) if malicious is not None else None,
+            attackers=np.flatnonzero(malicious).tolist() if malicious is not None else None,
+            setting=describe_setting(config),
+            rounds_planned=config.get("rounds"),
+            wall_seconds=float(np.sum(rounds["seconds_round"])) if "seconds_round" in rounds else None,
         )
         from fdcr_mpi.metrics import paper_columns  # torch: only when summarising
 
         columns = {**rounds, **paper_columns(rounds)}  # R_paper, V_paper (derived in older run files)
+        window = min(final_rounds(config), n) or 1
+        summary["final_window"] = window
         for name in ("A", "R", "V", "R_paper", "V_paper"):
             column = columns.get(name)
-            summary[f"final_{name}"] = _mean(column[-FINAL_WINDOW:]) if column is not None else None
+            summary[f"final_{name}"] = _mean(column[-window:]) if column is not None else None
         summary["tpr_mean"] = _mean(rounds.get("tpr"))
         summary["fpr_mean"] = _mean(rounds.get("fpr"))
     return summary
+
+
+def final_rounds(config: Mapping[str, Any]) -> int:
+    """How many last rounds the final figures average (``eval.final_rounds``)."""
+    value = (config.get("eval") or {}).get("final_rounds") if isinstance(config.get("eval"), dict) else None
+    return value if isinstance(value, int) and value > 0 else FINAL_WINDOW
+
+
+def describe_setting(config: Mapping[str, Any]) -> str:
+    """'fmnist, simple_cnn, 10 clients, beta 0.5; badnets, 30% attackers; defense fdcr; seed 0'."""
+
+    def get(section: str, key: str) -> Any:
+        part = config.get(section)
+        return part.get(key) if isinstance(part, dict) else None
+
+    ratio = get("attack", "malicious_ratio")
+    attack = f"{get('attack', 'kind')}, {ratio:.0%} attackers" if isinstance(ratio, (int, float)) else "?"
+    if get("attack", "fisher") not in (None, "honest"):
+        attack += f" (Fisher: {get('attack', 'fisher')})"
+    return (f"{get('data', 'dataset')}, {get('model', 'name')}, {get('data', 'num_clients')} clients, "
+            f"beta {get('data', 'beta')}; {attack}; defense {get('defense', 'name')}; seed {config.get('seed')}")
 
 
 def _fmt(value: float | None) -> str:
@@ -176,18 +203,27 @@ def format_summary(summary: Mapping[str, Any], *, with_config: bool = False) -> 
         ("version", summary.get("version")),
         ("created", summary.get("created")),
         ("config hash", summary.get("config_hash")),
-        ("clients", f"{summary.get('num_clients')} ({summary.get('num_malicious')} malicious)"),
-        ("rounds done", f"{summary.get('rounds_done')} (last round {summary.get('last_round')})"),
-        (f"final (last {FINAL_WINDOW})", "  ".join(f"{k} {_fmt(summary.get(f'final_{k}'))}" for k in "ARV")
+        ("setting", summary.get("setting")),
+        ("clients", f"{summary.get('num_clients')} ({summary.get('num_malicious')} malicious: "
+                    f"{summary.get('attackers')})"),
+        ("rounds done", f"{summary.get('rounds_done')} of {summary.get('rounds_planned')}"),
+        ("round time", "n/a" if summary.get("wall_seconds") is None
+         else f"{summary['wall_seconds'] / 60:.1f} min in all"),
+        (f"final (last {summary.get('final_window', FINAL_WINDOW)})",
+         "  ".join(f"{k} {_fmt(summary.get(f'final_{k}'))}" for k in "ARV")
          + "  (R: triggered images of the other classes)"),
         ("paper's metric", f"R_paper {_fmt(summary.get('final_R_paper'))}  V_paper {_fmt(summary.get('final_V_paper'))}"
          "  (R_paper: every triggered image, as the paper's tables)"),
         ("detection", f"TPR {_fmt(summary.get('tpr_mean'))}  FPR {_fmt(summary.get('fpr_mean'))} (mean over rounds)"),
     ]
+    legend = ("A: main-task accuracy on the clean test set.\n"
+              "R = 100 - ASR: the share of triggered test images not classified as the target class\n"
+              "  (R: the other classes' images; R_paper: every triggered image, as in the paper). V = (A + R) / 2.\n"
+              "TPR / FPR: the share of attackers / of benign clients the defense removed in a round.")
     if summary.get("final_sha256"):
         lines.append(("final sha256", summary["final_sha256"]))
     width = max(len(k) for k, _ in lines)
-    text = "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+    text = "\n".join(f"{k:<{width}}  {v}" for k, v in lines) + "\n\n" + legend
     if with_config and summary.get("config"):
         text += "\n\nconfig:\n" + str(summary["config"]).rstrip()
     return text

@@ -377,7 +377,7 @@ def run_config(sweep: Sweep, run: Run) -> Any:
     from fdcr_mpi.config import load_config
 
     try:
-        return load_config(sweep.base, list(run.overrides))
+        return load_config(sweep.base, list(run.overrides), warn_unused=False)
     except UserError as exc:
         raise UserError(f"run {run.index} ({run.name}) of {sweep.path}: {exc}") from None
 
