@@ -185,6 +185,8 @@ class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """The device of the clients' computations (the server, rank 0, computes on its CPU): auto
     takes a GPU when one is visible (runtime.placement)."""
+    tensorboard: bool = True
+    """Rank 0 writes TensorBoard event files into ``<out>/tensorboard`` (store.tensorboard)."""
     checkpoint_every: int = pydantic.Field(1, ge=1)
     keep_checkpoints: int = pydantic.Field(3, ge=1)
     save_weights_every: int = pydantic.Field(0, ge=0)

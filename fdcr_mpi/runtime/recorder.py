@@ -32,6 +32,7 @@ from fdcr_mpi.store import (
     load_latest_checkpoint,
     write_checkpoint,
 )
+from fdcr_mpi.store.tensorboard import TensorBoardLog
 
 
 def weights_sha256(weights: np.ndarray | torch.Tensor) -> str:
@@ -70,9 +71,17 @@ class Recorder:
         self.started = time.perf_counter()
         self.rounds_timed = 0
         self.watch = sentinel.Watch()  # the watcher that names a dying rank (MPI runs)
+        self.events: TensorBoardLog | None = None
 
     def open(self, restart: bool) -> tuple[int, torch.Tensor | None, dict | None]:
-        """Create or reopen the run file; returns (start round, weights, defense state) to resume from."""
+        """Create or reopen the run file (and the TensorBoard log); returns (start round, weights,
+        defense state) to resume from."""
+        start, weights, state = self.open_run_file(restart)
+        if self.config.runtime.tensorboard:
+            self.events = TensorBoardLog(self.out, first_step=start + 1)
+        return start, weights, state
+
+    def open_run_file(self, restart: bool) -> tuple[int, torch.Tensor | None, dict | None]:
         path = self.out / RUN_FILE
         if restart:
             path.unlink(missing_ok=True)
@@ -126,8 +135,11 @@ class Recorder:
             write_checkpoint(self.out, round=t, config_hash=self.hash, weights=flat,
                              rng_state={}, defense_state=self.defense.state_dict(), keep=rt.keep_checkpoints)
         now = time.perf_counter()
-        self.run_file.set_last("seconds_write", now - write_start)
-        self.run_file.set_last("seconds_round", now - outcome.started)
+        row["seconds_write"], row["seconds_round"] = now - write_start, now - outcome.started
+        self.run_file.set_last("seconds_write", row["seconds_write"])
+        self.run_file.set_last("seconds_round", row["seconds_round"])
+        if self.events is not None:
+            self.events.write(row)
         self.print_round(t, row, now - outcome.started)
         self.watch.recorded(t + 1)
 
@@ -144,6 +156,8 @@ class Recorder:
 
     def mark_failed(self) -> None:
         """Best effort: status 'failed' (the rows and checkpoints already written stay valid)."""
+        if self.events is not None:
+            self.events.close()
         try:
             if self.run_file is not None:
                 self.run_file.set_status("failed")
@@ -153,6 +167,8 @@ class Recorder:
 
     def finish(self, weights: torch.Tensor, status: str) -> str:
         digest = weights_sha256(weights)
+        if self.events is not None:
+            self.events.close()
         if status == "complete":
             self.run_file.set_attr("final_sha256", digest)
         self.run_file.set_status(status)
