@@ -181,3 +181,13 @@ def test_report_counts_a_repeated_seed_once(tmp_path: Path) -> None:
         layout = build_layout(records)
     (cell,) = layout.cells.values()
     assert cell.n == 2 and cell.seeds == [0, 1] and cell.mean("A") == 20
+
+
+def test_the_backfed_preset_holds_the_setting_its_header_cites() -> None:
+    config = load_config("configs/presets/backfed_cifar10.yaml")
+    assert (config.data.dataset, config.data.num_clients, config.clients_per_round, config.data.beta) == \
+        ("cifar10", 100, 10, 0.5)
+    assert (config.model.name, config.train.local_epochs, config.train.batch_size) == ("resnet18", 2, 64)
+    assert (config.train.lr, config.train.momentum, config.train.weight_decay) == (0.1, 0.9, 5e-4)
+    assert (config.attack.malicious_ratio, config.attack.malicious_ids, config.attack.target_label,
+            config.attack.poison_rate) == (0.1, "random", 2, 20 / 64)

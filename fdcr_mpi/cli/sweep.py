@@ -28,7 +28,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     _common(slurm)
     slurm.add_argument("--submit", action="store_true", help="submit it with sbatch")
     slurm.add_argument("--script", type=Path, help="where to write it (default OUT/slurm/NAME.sbatch)")
-    slurm.add_argument("--template", type=Path, help="the template (default jobs/sweep.sbatch.tmpl)")
+    slurm.add_argument("--template", type=Path, help="the template (default: the package's fdcr_mpi/sweep/sweep.sbatch.tmpl)")
     slurm.add_argument("--data-root", help="dataset root passed to every run")
     slurm.add_argument("--ranks", type=int, help="MPI ranks per run (1 server + clients)")
     slurm.add_argument("--nodes", type=int, help="nodes per run (the ranks go round them, rank 0 on the first)")

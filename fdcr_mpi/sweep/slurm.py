@@ -1,4 +1,4 @@
-"""``fdcr-mpi sweep slurm``: a sweep as a SLURM job array (jobs/sweep.sbatch.tmpl), and its submission.
+"""``fdcr-mpi sweep slurm``: a sweep as a SLURM job array (fdcr_mpi/sweep/sweep.sbatch.tmpl), and its submission.
 
 Every value of the sweep file that reaches the script is checked against SLURM's own forms
 (``spec.SlurmOptions``) or quoted for the shell; none is ever run as code.
@@ -31,7 +31,7 @@ from fdcr_mpi.sweep.spec import (
     states,
 )
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "jobs" / "sweep.sbatch.tmpl"
+TEMPLATE = Path(__file__).resolve().parent / "sweep.sbatch.tmpl"  # package data: there in a wheel too
 
 
 def array_ranges(indices: Iterable[int]) -> str:

@@ -1,0 +1,5 @@
+"""``python -m fdcr_mpi`` is ``fdcr-mpi``."""
+
+from fdcr_mpi.cli import entry
+
+entry()

@@ -1,0 +1,106 @@
+"""The networks: SimpleCNN (the paper's), a 1M-parameter CNN, a CIFAR-style ResNet-18."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class SimpleCNN(nn.Module):
+    """docs/SPEC.md section 4: 92,626 parameters, no BatchNorm."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(400, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 84)
+        self.fc4 = nn.Linear(84, 256)
+        self.classifier = nn.Linear(256, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # relu(max(window)) == max(relu(window)), and so are the gradients, bitwise: pooling
+        # first runs the ReLU on a quarter of the elements
+        x = torch.relu(self.pool(self.conv1(x)))
+        x = torch.relu(self.pool(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        x = torch.relu(self.fc3(x))
+        x = self.fc4(x)
+        return self.classifier(x)
+
+
+class _BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18 (3x3 stem, no max-pool), about 11.2M parameters."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers: list[nn.Module] = []
+        in_planes = 64
+        for planes, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            for s in (stride, 1):
+                layers.append(_BasicBlock(in_planes, planes, s))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        # the global average pool as a mean: adaptive pooling has no deterministic CUDA backward
+        return self.linear(out.mean(dim=(2, 3)))
+
+
+class Cnn1M(nn.Module):
+    """A wider SimpleCNN of about 1M parameters (1,007,306), no BatchNorm: the model of the
+    scale benchmarks (issue 7), where D and K x D matter more than compute."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 5)
+        self.conv2 = nn.Conv2d(32, 64, 5)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(1600, 512)
+        self.fc2 = nn.Linear(512, 256)
+        self.classifier = nn.Linear(256, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # relu(max(window)) == max(relu(window)), and so are the gradients, bitwise: pooling
+        # first runs the ReLU on a quarter of the elements
+        x = torch.relu(self.pool(self.conv1(x)))
+        x = torch.relu(self.pool(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.classifier(x)
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {"simple_cnn": SimpleCNN, "cnn_1m": Cnn1M, "resnet18": ResNet18}
