@@ -3,6 +3,7 @@ reports from its own files; its version in every run file."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -29,8 +30,12 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_the_wheel_installs_and_runs_without_the_checkout(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ there
+    shutil.copytree(REPO / "fdcr_mpi", source / "fdcr_mpi", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.cfg", "README.md"):
+        shutil.copy2(REPO / name, source / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
-                            str(REPO)], capture_output=True, text=True, timeout=600)
+                            str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("fdcr_mpi-*.whl")
     assert wheel.name.startswith(f"fdcr_mpi-{fdcr_mpi.__version__}-")

@@ -191,3 +191,14 @@ def test_the_backfed_preset_holds_the_setting_its_header_cites() -> None:
     assert (config.train.lr, config.train.momentum, config.train.weight_decay) == (0.1, 0.9, 5e-4)
     assert (config.attack.malicious_ratio, config.attack.malicious_ids, config.attack.target_label,
             config.attack.poison_rate) == (0.1, "random", 2, 20 / 64)
+
+
+def test_the_console_is_plain_lines_in_a_batch_log(tmp_path: Path) -> None:
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "fdcr_mpi", "run", *TINY, "rounds=2", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not any(c in done.stdout + done.stderr for c in "\r\b\x1b")  # no cursor movement or colour in a log
+    rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert [line.split()[1] for line in rounds] == ["1/2", "2/2"] and all("ETA " in line for line in rounds)

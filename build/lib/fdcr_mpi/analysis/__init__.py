@@ -1,1 +1,0 @@
-"""Results across runs: the report (tables beside the paper's) and the figures."""

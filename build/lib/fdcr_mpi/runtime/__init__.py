@@ -1,1 +1,0 @@
-"""Execution: the transport (one process or MPI), device binding, the round as SPMD code."""
