@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fdcr_mpi.analysis.frames import load_records_of, summary_row, sweep_axes
-from fdcr_mpi.analysis.report import RunRecord
+from fdcr_mpi.analysis.frames import summary_row, sweep_axes
+from fdcr_mpi.analysis.report import RunRecord, read_records
 
 FIGURES = (("A", "A"), ("R_paper", "R_paper"), ("V_paper", "V_paper"), ("R", "R (ours)"), ("V", "V (ours)"),
            ("tpr", "TPR"), ("fpr", "FPR"))
@@ -75,7 +75,7 @@ def compare_dirs(dirs: Sequence[Path], plot: Path | None = None) -> str:
     """The table of the runs in ``dirs`` (and the figure, with ``plot``)."""
     from fdcr_mpi.errors import UserError
 
-    records = load_records_of(dirs)
+    records = read_records(dirs)
     if plot is not None:
         try:
             compare_plot(records, plot)

@@ -16,7 +16,6 @@ includes); nothing else in the package needs it.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from fdcr_mpi.analysis.report import (
     RunRecord,
     find_run_files,
     load_record,
+    read_records,
     varying_keys,
 )
 from fdcr_mpi.errors import UserError
@@ -88,21 +88,6 @@ def summary_row(record: RunRecord, axes: Sequence[str], root: Path) -> dict[str,
     return row
 
 
-def load_records_of(dirs: Sequence[Path]) -> list[RunRecord]:
-    """Every readable run below ``dirs``; a damaged run file is left out with a RunFileWarning."""
-    from fdcr_mpi.store import RunFileWarning
-
-    records = []
-    for path in find_run_files(dirs):
-        try:
-            records.append(load_record(path))
-        except UserError as exc:
-            warnings.warn(f"left out: {exc}", RunFileWarning, stacklevel=3)
-    if not records:
-        raise UserError(f"none of the run files in {', '.join(map(str, dirs))} can be read")
-    return records
-
-
 def sweep_axes(records: Sequence[RunRecord]) -> list[str]:
     """The config keys that differ between the runs, seed last when it differs."""
     seeds = {repr(r.config.get(SEED_KEY)) for r in records}
@@ -113,7 +98,7 @@ def load_sweep(root: str | Path) -> pd.DataFrame:
     """One row per run found below ``root`` (finished or not), with its axes and final figures."""
     pandas = _pandas()
     root = Path(root)
-    records = load_records_of([root])
+    records = read_records([root])
     axes = sweep_axes(records)
     base = root.resolve() if root.is_dir() else root.resolve().parent
     frame = pandas.DataFrame([summary_row(r, axes, base) for r in records])

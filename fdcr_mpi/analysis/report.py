@@ -157,13 +157,12 @@ def load_record(path: Path) -> RunRecord:
         raise UserError(f"could not read {path}: it is unreadable or corrupt ({exc})") from None
 
 
-def load_records(dirs: Iterable[Path], partial: bool = False) -> tuple[list[RunRecord], list[RunRecord]]:
-    """(runs counted, runs left out because they are unfinished) from the run files in ``dirs``.
-
-    A run file that cannot be read is left out with a warning (one damaged run does not stop a report).
-    """
+def read_records(dirs: Iterable[Path]) -> list[RunRecord]:
+    """Every run file in or below ``dirs`` that can be read; one that cannot is left out with a
+    warning (one damaged run does not stop a report)."""
     from fdcr_mpi.store import RunFileWarning
 
+    dirs = list(dirs)
     try:
         paths = find_run_files(dirs)
     except OSError as exc:  # a folder that cannot be searched
@@ -173,9 +172,15 @@ def load_records(dirs: Iterable[Path], partial: bool = False) -> tuple[list[RunR
         try:
             records.append(load_record(path))
         except UserError as exc:
-            warnings.warn(f"left out: {exc}", RunFileWarning, stacklevel=2)
+            warnings.warn(f"left out: {exc}", RunFileWarning, stacklevel=3)
     if not records:
         raise UserError(f"none of the run files in {', '.join(str(d) for d in dirs)} can be read")
+    return records
+
+
+def load_records(dirs: Iterable[Path], partial: bool = False) -> tuple[list[RunRecord], list[RunRecord]]:
+    """(runs counted, runs left out because they are unfinished) from the run files in ``dirs``."""
+    records = read_records(dirs)
     counted = [r for r in records if r.complete or (partial and r.rounds.get("round") is not None
                                                      and len(r.rounds["round"]) > 0)]
     left = [r for r in records if r not in counted]
