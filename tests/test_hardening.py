@@ -23,7 +23,7 @@ from fdcr_mpi.defenses.quarantine import defend_with_quarantine
 from fdcr_mpi.models import FlatModel
 from fdcr_mpi.runtime.sentinel import FAILURE_FILE, PREVIOUS_FAILURE_FILE, note_failure
 from fdcr_mpi.store import load_latest_checkpoint
-from tests.test_mpi import FDCR, MPIEXEC, env, final_sha, launch, requires_mpi
+from tests.test_mpi import FDCR, MPIEXEC, env, final_sha, launch, requires_mpi, typed_fdcr
 
 TINY = ["data.dataset=digits", "rounds=4", "train.local_epochs=1", "fisher.max_samples=32"]
 
@@ -148,7 +148,7 @@ def test_a_dying_client_rank_ends_the_job_quickly_and_the_checkpoint_stays_valid
     failure = wait_for_text(out / FAILURE_FILE, 10)
     line = f"rank 2 (clients 5-9, pid {pid} on host "
     assert line in failure and "ended unexpectedly (it was the first rank to end)" in failure, failure
-    assert f"Resume with: fdcr-mpi resume {out}" in failure and len(failure.splitlines()) == 1
+    assert f"Resume with: {typed_fdcr()} resume {out}" in failure and len(failure.splitlines()) == 1
     assert failure.strip() in stderr, stderr[-2000:]
     assert not sentinels(out)
     checkpoint = load_latest_checkpoint(out, _hash_of(out))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,13 @@ def env() -> dict[str, str]:
     not depend on the thread count)."""
     return {k: v for k, v in os.environ.items()
             if not k.startswith(("PMI_", "PMIX_", "OMPI_", "SLURM_", "HYDRA_", "MPI_", "OMP_NUM_THREADS", "MKL_"))}
+
+
+def typed_fdcr() -> str:
+    """How messages ("resume with: ...") name the fdcr-mpi these tests start: its name where
+    PATH finds this very script, else the path it was started by."""
+    found = shutil.which("fdcr-mpi", path=env().get("PATH"))
+    return "fdcr-mpi" if found and os.path.realpath(found) == os.path.realpath(FDCR) else str(FDCR)
 
 
 def launch(args: list[str], n: int | None, timeout: float = 300, module: bool = False) -> subprocess.CompletedProcess:

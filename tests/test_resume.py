@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from tests.test_mpi import FDCR, MPIEXEC, env, final_sha, launch, requires_mpi
+from tests.test_mpi import FDCR, MPIEXEC, env, final_sha, launch, requires_mpi, typed_fdcr
 
 TINY = ["data.dataset=digits", "rounds=8", "train.local_epochs=1", "fisher.max_samples=32"]
 
@@ -87,7 +87,7 @@ def test_sigterm_under_mpiexec_leaves_a_resumable_checkpoint(tmp_path: Path) -> 
     os.kill(proc.pid, signal.SIGTERM)  # mpiexec forwards it to every rank
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr
-    assert "resume with: fdcr-mpi resume" in stderr
+    assert f"resume with: {typed_fdcr()} resume {out}" in stderr
     assert status_of(out / "run.h5") == "preempted"
     done = rounds_in(out / "run.h5")
     assert 2 <= len(done) < 8 and done == list(range(len(done)))
