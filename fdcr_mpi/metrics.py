@@ -82,9 +82,3 @@ def final_figure(values: np.ndarray, last: int = 5) -> float:
     values = np.asarray(values, dtype=np.float64)
     return float(np.mean(values[-last:])) if values.size else float("nan")
 
-
-def mean_over_rounds(values: np.ndarray) -> float:
-    """A detection rate of a run: its mean over the rounds where it is defined (nan: none)."""
-    values = np.asarray(values, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else float("nan")

@@ -8,6 +8,16 @@ import torch
 from torch import nn
 
 
+def pooled_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The two conv -> max-pool -> ReLU stages of SimpleCNN and Cnn1M, flattened.
+
+    relu(max(window)) == max(relu(window)), and so are the gradients, bitwise: pooling first
+    runs the ReLU on a quarter of the elements."""
+    x = torch.relu(net.pool(net.conv1(x)))
+    x = torch.relu(net.pool(net.conv2(x)))
+    return torch.flatten(x, 1)
+
+
 class SimpleCNN(nn.Module):
     """docs/SPEC.md section 4: 92,626 parameters, no BatchNorm."""
 
@@ -23,12 +33,7 @@ class SimpleCNN(nn.Module):
         self.classifier = nn.Linear(256, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # relu(max(window)) == max(relu(window)), and so are the gradients, bitwise: pooling
-        # first runs the ReLU on a quarter of the elements
-        x = torch.relu(self.pool(self.conv1(x)))
-        x = torch.relu(self.pool(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc1(pooled_features(self, x)))
         x = torch.relu(self.fc2(x))
         x = torch.relu(self.fc3(x))
         x = self.fc4(x)
@@ -93,12 +98,7 @@ class Cnn1M(nn.Module):
         self.classifier = nn.Linear(256, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # relu(max(window)) == max(relu(window)), and so are the gradients, bitwise: pooling
-        # first runs the ReLU on a quarter of the elements
-        x = torch.relu(self.pool(self.conv1(x)))
-        x = torch.relu(self.pool(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc1(pooled_features(self, x)))
         x = torch.relu(self.fc2(x))
         return self.classifier(x)
 

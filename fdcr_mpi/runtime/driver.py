@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fdcr_mpi import __version__, metrics, seeding
+from fdcr_mpi import __version__, seeding
 from fdcr_mpi.config import (
     BaseConfig,
     aggregation_path,
@@ -269,7 +269,7 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
         if not done:
             raise Preempted(f"stopped by signal {stop.signum} after round "
                             f"{rounds_done}; resume with: {resume_command(out)}")
-        print_final(out / RUN_FILE, config, digest, quiet)
+        print_final(out / RUN_FILE, digest, quiet)
         return 0
     except Preempted:
         raise
@@ -366,16 +366,20 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def print_final(path: Path, config: BaseConfig, digest: str, quiet: bool) -> None:
-    from fdcr_mpi.store import read_rounds
-
-    rounds = read_rounds(path)
-    last = max(1, min(config.eval.final_rounds, len(rounds["A"])))
-    figures = {name: metrics.final_figure(rounds[name], last) for name in ("A", "R", "V")}
-    rates = {name: metrics.mean_over_rounds(rounds[name]) for name in ("tpr", "fpr")}
+def print_final(path: Path, digest: str, quiet: bool) -> None:
+    """The final figures as ``inspect`` gives them (store.read_summary), then the final sha."""
     if not quiet:
-        rounds_text = "the last round" if last == 1 else f"the last {last} rounds"
-        print(f"final (mean of {rounds_text}): A {figures['A']:.2f}  R {figures['R']:.2f}  V {figures['V']:.2f}; "
-              f"detection (mean over rounds): TPR {rates['tpr']:.2f}  FPR {rates['fpr']:.2f}")
+        from fdcr_mpi.store import read_summary
+
+        summary = read_summary(path)
+
+        def figure(key: str) -> str:
+            value = summary.get(key)
+            return "nan" if value is None else f"{value:.2f}"
+
+        window = summary["final_window"]
+        rounds_text = "the last round" if window == 1 else f"the last {window} rounds"
+        print(f"final (mean of {rounds_text}): A {figure('final_A')}  R {figure('final_R')}  V {figure('final_V')}; "
+              f"detection (mean over rounds): TPR {figure('tpr_mean')}  FPR {figure('fpr_mean')}")
     print(f"final model sha256: {digest}", flush=True)
     sys.stdout.flush()

@@ -55,8 +55,9 @@ def scalars_of(row: dict[str, Any]) -> dict[str, float]:
 
 def per_client_of(row: dict[str, Any]) -> dict[str, np.ndarray]:
     """The row's per-client columns (numbers or booleans, one entry per client) by name."""
-    return {name: np.asarray(value, np.float64) for name, value in row.items()
-            if np.asarray(value).ndim == 1 and np.asarray(value).dtype.kind in "biuf"}
+    arrays = {name: np.asarray(value) for name, value in row.items()}
+    return {name: array.astype(np.float64) for name, array in arrays.items()
+            if array.ndim == 1 and array.dtype.kind in "biuf"}
 
 
 class TensorBoardLog:
