@@ -23,7 +23,16 @@ from fdcr_mpi.defenses.quarantine import defend_with_quarantine
 from fdcr_mpi.models import FlatModel
 from fdcr_mpi.runtime.sentinel import FAILURE_FILE, PREVIOUS_FAILURE_FILE, note_failure
 from fdcr_mpi.store import load_latest_checkpoint
-from tests.test_mpi import FDCR, MPIEXEC, env, final_sha, launch, requires_mpi, typed_fdcr
+from tests.test_mpi import (
+    FDCR,
+    MPIEXEC,
+    env,
+    final_sha,
+    launch,
+    requires_mpi,
+    typed_fdcr,
+    wait_for_text,
+)
 
 TINY = ["data.dataset=digits", "rounds=4", "train.local_epochs=1", "fisher.max_samples=32"]
 
@@ -159,13 +168,6 @@ def test_a_dying_client_rank_ends_the_job_quickly_and_the_checkpoint_stays_valid
     assert resumed.stderr.count("previous attempt: " + line) == 1, resumed.stderr
     assert not (out / FAILURE_FILE).exists() and (out / PREVIOUS_FAILURE_FILE).read_text() == failure
     assert not sentinels(out)
-
-
-def wait_for_text(path: Path, seconds: float) -> str:
-    deadline = time.time() + seconds
-    while not path.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    return path.read_text() if path.exists() else ""
 
 
 def sentinels(out: Path) -> list[int]:

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -47,6 +48,14 @@ def launch(args: list[str], n: int | None, timeout: float = 300, module: bool = 
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env())
 
 
+def wait_for_text(path: Path, seconds: float) -> str:
+    """The text of ``path`` once it exists (a file another process writes), or "" after ``seconds``."""
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return path.read_text() if path.exists() else ""
+
+
 def final_sha(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stdout + result.stderr
     found = re.findall(r"final model sha256: ([0-9a-f]{64})", result.stdout)
@@ -84,7 +93,9 @@ def test_an_exception_in_a_client_rank_aborts_the_job_naming_it(tmp_path: Path) 
             "--out", str(tmp_path / "run")]
     result = launch(args, 3, timeout=120)
     assert result.returncode != 0
-    assert "rank 2 failed" in result.stderr and "client" in result.stderr and "round 1" in result.stderr
+    assert "rank 2 failed" in result.stderr and "client 5 in round 2" in result.stderr  # rows 0, 1 display as 1, 2
+    failure = wait_for_text(tmp_path / "run" / "failure.txt", 15)  # the dependable record: rank 0's watcher
+    assert "rank 2 (clients 5-9" in failure and "failed during round 2/3" in failure, failure
     with h5py.File(tmp_path / "run" / "run.h5") as f:  # the rounds before the failure are kept
         assert f["rounds/round"][:].tolist() == [0]
 

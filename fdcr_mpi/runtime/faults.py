@@ -24,10 +24,10 @@ def inject_fault(fault, rank: int, client: int, round_: int, blocks: SendBlocks,
     if fault.client is not None and fault.client != client:
         return
     if fault.kind == "raise":
-        raise InjectedFault(f"injected fault in client {client} at round {round_}")
+        raise InjectedFault(f"injected fault in client {client} in round {round_ + 1} (runtime.fault.round={round_})")
     if fault.kind == "exit":
         if rank == 0:
-            raise InjectedFault(f"injected exit of client {client} at round {round_}")
+            raise InjectedFault(f"injected exit of client {client} in round {round_ + 1} (runtime.fault.round={round_})")
         os._exit(13)
     if fault.kind in ("nan", "inf"):
         blocks.weights[row, ::7] = np.nan if fault.kind == "nan" else np.inf

@@ -26,6 +26,8 @@ import numpy as np
 
 from fdcr_mpi.errors import UserError
 
+ABORT_GRACE = 1.0  # seconds between a failing rank's report and MPI_Abort (see MpiTransport.abort)
+
 MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
                 "HYDI_CONTROL_FD", "PMI_FD")
 
@@ -214,8 +216,14 @@ class MpiTransport:
         return self.comm.bcast(value, root=0)
 
     def abort(self, code: int) -> None:
+        """Flush, give the launcher ``ABORT_GRACE`` seconds to forward what this rank wrote, then abort.
+
+        ``MPI_Abort`` makes hydra (and other launchers) kill every rank at once; lines still in the
+        stdio pipes are then dropped, so without the pause the failing rank's own report can vanish.
+        """
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE)
         self.comm.Abort(code)
 
     def describe(self) -> str:
