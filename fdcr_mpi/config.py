@@ -187,6 +187,11 @@ class RuntimeConfig(Section):
     takes a GPU when one is visible (runtime.placement)."""
     tensorboard: bool = True
     """Rank 0 writes TensorBoard event files into ``<out>/tensorboard`` (store.tensorboard)."""
+    wandb: bool = False
+    """Rank 0 logs the run to Weights & Biases in offline mode, into ``<out>/wandb`` (store.wandb_log;
+    the ``wandb`` extra); upload later with ``wandb sync``."""
+    wandb_project: str = pydantic.Field("fdcr_mpi", min_length=1, max_length=128)
+    """The W&B project the offline run syncs into."""
     checkpoint_every: int = pydantic.Field(1, ge=1)
     keep_checkpoints: int = pydantic.Field(3, ge=1)
     save_weights_every: int = pydantic.Field(0, ge=0)

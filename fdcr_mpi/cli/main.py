@@ -71,6 +71,8 @@ def parser() -> argparse.ArgumentParser:
     resume.add_argument("--transport", choices=("auto", "local", "mpi"), default="auto")
     resume.add_argument("--quiet", action="store_true")
     resume.add_argument("--allow-numerics-change", action="store_true", help=NUMERICS_HELP)
+    resume.add_argument("--rounds", type=int, metavar="N",
+                        help="extend the run to N rounds (more than it planned); it ends as a fresh run of N rounds")
 
     inspect = sub.add_parser("inspect", help="summarise the run in DIR")
     inspect.add_argument("dir", type=Path)
@@ -132,12 +134,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise UserError(f"{args.dir} holds no run to resume (no {RUN_FILE})")
         config = stored_run_config(path)
+        if args.rounds is not None:
+            from fdcr_mpi.runtime.extension import extended_config
+            from fdcr_mpi.store import read_summary
+
+            config = extended_config(config, args.rounds, read_summary(path)["rounds_done"], str(args.dir))
         if args.data_root:
             config.data.root = args.data_root
         return config
 
     return execute(stored_config, args.dir, transport_kind=args.transport, quiet=args.quiet,
-                   allow_numerics_change=args.allow_numerics_change)
+                   allow_numerics_change=args.allow_numerics_change, extend=args.rounds is not None)
 
 
 def stored_run_config(path: Path) -> BaseConfig:

@@ -137,6 +137,7 @@ class Defense:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_fisher: ClassVar[bool] = False
+    uses_total_rounds: ClassVar[bool] = False  # its last round differs (a finished run cannot be extended)
     needs_proxy: ClassVar[bool] = False
     keeps_client_history: ClassVar[bool] = False  # state indexed by client that needs every client every round
     reducible: ClassVar[bool] = False  # written against ``ClientOps`` (``aggregate_ops``): runs on the reduce path

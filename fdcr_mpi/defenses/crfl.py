@@ -44,6 +44,7 @@ MARSFL_CLIP_EPS = 1e-6
 class CRFL(Defense):
     """FedAvg, parameter-norm clipping and Gaussian smoothing noise."""
 
+    uses_total_rounds = True  # no noise in the last round
     summary = "CRFL: FedAvg, clip the global parameter norm, add N(0, 0.01^2) noise except in the last round"
 
     class Options(pydantic.BaseModel):

@@ -175,9 +175,12 @@ def prepare_process(config: BaseConfig) -> None:
 
 
 def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart: bool = False,
-            transport_kind: str = "auto", quiet: bool = False, allow_numerics_change: bool = False) -> int:
+            transport_kind: str = "auto", quiet: bool = False, allow_numerics_change: bool = False,
+            extend: bool = False) -> int:
     """Run (or resume) the experiment on every rank; returns the process exit code.
 
+    ``extend``: the run in ``out`` may hold this config with fewer rounds, and takes this one
+    (``resume --rounds``, ``runtime.extension``).
     ``config`` is the config, or a function that reads it, called on rank 0 only (the run file of
     a resumed run is opened by rank 0 alone) and shared with the other ranks.
     """
@@ -212,7 +215,8 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
             lock = RunLock(out).acquire()
             sentinel.clear_records(out)  # before any node's watcher starts (after this setup)
             recorder = Recorder(out, config, exp, defense, quiet=quiet, fingerprint=launch.fingerprint,
-                                allow_numerics_change=allow_numerics_change, num_params=runner.model.num_params)
+                                allow_numerics_change=allow_numerics_change, num_params=runner.model.num_params,
+                                extend=extend)
             start, weights, state = recorder.open(restart)
     except UserError as exc:
         setup_error = str(exc)

@@ -6,6 +6,7 @@ two leaves a row that resume cuts and recomputes, never a checkpoint without its
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -18,11 +19,13 @@ import numpy as np
 import torch
 
 from fdcr_mpi import __version__
-from fdcr_mpi.config import BaseConfig, config_hash, to_yaml
+from fdcr_mpi.config import BaseConfig, config_hash, from_yaml, to_yaml
 from fdcr_mpi.data.experiment import Experiment
 from fdcr_mpi.defenses.base import Defense
 from fdcr_mpi.errors import UserError
+from fdcr_mpi.program import resume_command
 from fdcr_mpi.runtime import numerics, sentinel
+from fdcr_mpi.runtime.extension import differs_only_in_rounds, extended_config
 from fdcr_mpi.runtime.round import RoundRecord, round_row
 from fdcr_mpi.store import (
     NUMERICS,
@@ -30,9 +33,11 @@ from fdcr_mpi.store import (
     RUN_FILE,
     RunFile,
     load_latest_checkpoint,
+    read_summary,
     write_checkpoint,
 )
 from fdcr_mpi.store.tensorboard import TensorBoardLog
+from fdcr_mpi.store.wandb_log import WandbLog, import_wandb, run_id
 
 
 def weights_sha256(weights: np.ndarray | torch.Tensor) -> str:
@@ -60,8 +65,9 @@ class Recorder:
 
     def __init__(self, out: Path, config: BaseConfig, exp: Experiment, defense: Defense, quiet: bool = False,
                  fingerprint: dict[str, str] | None = None, allow_numerics_change: bool = False,
-                 num_params: int = 0) -> None:
+                 num_params: int = 0, extend: bool = False) -> None:
         self.out, self.config, self.exp, self.defense, self.quiet = out, config, exp, defense, quiet
+        self.extend = extend  # resume --rounds: the run file may hold this config with fewer rounds
         self.num_params = num_params
         self.fingerprint = fingerprint or {}
         self.allow_numerics_change = allow_numerics_change
@@ -71,14 +77,22 @@ class Recorder:
         self.started = time.perf_counter()
         self.rounds_timed = 0
         self.watch = sentinel.Watch()  # the watcher that names a dying rank (MPI runs)
-        self.events: TensorBoardLog | None = None
+        self.views: list[TensorBoardLog | WandbLog] = []  # TensorBoard, W&B: views of the run file
 
     def open(self, restart: bool) -> tuple[int, torch.Tensor | None, dict | None]:
-        """Create or reopen the run file (and the TensorBoard log); returns (start round, weights,
-        defense state) to resume from."""
+        """Create or reopen the run file (and the TensorBoard and W&B logs); returns (start round,
+        weights, defense state) to resume from."""
+        rt = self.config.runtime
+        if rt.wandb:
+            import_wandb()  # asked for without the package: one sentence before the run file is touched
         start, weights, state = self.open_run_file(restart)
-        if self.config.runtime.tensorboard:
-            self.events = TensorBoardLog(self.out, first_step=start + 1)
+        if rt.tensorboard:
+            self.views.append(TensorBoardLog(self.out, first_step=start + 1))
+        if rt.wandb:
+            first_hash = (self.run_file.earlier_hashes() or [self.hash])[0]
+            created = str(self.run_file.file.attrs.get("created", ""))
+            self.views.append(WandbLog(self.out, self.config.model_dump(mode="json"),
+                                       run_id(first_hash, created), rt.wandb_project))
         return start, weights, state
 
     def open_run_file(self, restart: bool) -> tuple[int, torch.Tensor | None, dict | None]:
@@ -87,9 +101,13 @@ class Recorder:
             path.unlink(missing_ok=True)
             shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
         if path.exists():
-            self.run_file = RunFile.open(path, config_hash=self.hash)
+            try:
+                self.run_file = RunFile.open(path, config_hash=None if self.extend else self.hash)
+            except UserError as exc:
+                raise UserError(self.extension_hint(path) or str(exc)) from None
+            self.take_extension()
             self.check_numerics()
-            checkpoint = load_latest_checkpoint(self.out, self.hash)
+            checkpoint = load_latest_checkpoint(self.out, self.hash, earlier=self.run_file.earlier_hashes())
             if checkpoint is None:
                 self.run_file.truncate_rounds(0)
                 return 0, None, None
@@ -101,6 +119,31 @@ class Recorder:
             partition=self.exp.partition, num_params=self.num_params)
         self.run_file.set_attr(NUMERICS, json.dumps(self.fingerprint, sort_keys=True))
         return 0, None, None
+
+    def extension_hint(self, path: Path) -> str | None:
+        """The run file holds this config with fewer rounds: the command that extends it."""
+        with contextlib.suppress(UserError):
+            stored = from_yaml(str(read_summary(path)["config"]))
+            if stored.rounds < self.config.rounds and differs_only_in_rounds(stored, self.config):
+                return (f"{self.out} holds this run with {stored.rounds} rounds; to extend it to {self.config.rounds}: "
+                        f"{resume_command(self.out)} --rounds {self.config.rounds} (or use a new --out directory)")
+        return None
+
+    def take_extension(self) -> None:
+        """``resume --rounds N``: a run file of the same config with fewer rounds takes this config
+        (``runtime.extension``); any other config is refused, as for any resume."""
+        if not self.extend or self.run_file.config_hash == self.hash:
+            return
+        where = str(self.out)
+        stored = from_yaml(self.run_file.config_yaml())
+        if not differs_only_in_rounds(stored, self.config):
+            raise UserError(f"{RUN_FILE} in {where} belongs to another config (hash {self.run_file.config_hash}); "
+                            "use a new --out directory or the same config")
+        rounds_done = self.run_file.rounds_done()
+        extended_config(stored, self.config.rounds, rounds_done, where)  # the same checks, now under the lock
+        self.run_file.extend(to_yaml(self.config), self.hash, {
+            "from_rounds": stored.rounds, "to_rounds": self.config.rounds, "rounds_done": rounds_done,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     def check_numerics(self) -> None:
         """Resume only where the numbers come out the same: the run file's fingerprint against
@@ -138,8 +181,8 @@ class Recorder:
         row["seconds_write"], row["seconds_round"] = now - write_start, now - outcome.started
         self.run_file.set_last("seconds_write", row["seconds_write"])
         self.run_file.set_last("seconds_round", row["seconds_round"])
-        if self.events is not None:
-            self.events.write(row)
+        for view in self.views:
+            view.write(row)
         self.print_round(t, row, now - outcome.started)
         self.watch.recorded(t + 1)
 
@@ -154,10 +197,14 @@ class Recorder:
               f"R_paper {row['R_paper']:6.2f}  V {row['V']:6.2f}  removed {removed}  {round_seconds:6.1f} s  "
               f"ETA {format_eta(eta)}", flush=True)
 
+    def close_views(self) -> None:
+        for view in self.views:
+            view.close()
+        self.views = []
+
     def mark_failed(self) -> None:
         """Best effort: status 'failed' (the rows and checkpoints already written stay valid)."""
-        if self.events is not None:
-            self.events.close()
+        self.close_views()
         try:
             if self.run_file is not None:
                 self.run_file.set_status("failed")
@@ -167,8 +214,7 @@ class Recorder:
 
     def finish(self, weights: torch.Tensor, status: str) -> str:
         digest = weights_sha256(weights)
-        if self.events is not None:
-            self.events.close()
+        self.close_views()
         if status == "complete":
             self.run_file.set_attr("final_sha256", digest)
         self.run_file.set_status(status)

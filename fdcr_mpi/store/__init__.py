@@ -26,10 +26,11 @@ from fdcr_mpi.store.reader import (
     stored_config,
     stored_status,
 )
-from fdcr_mpi.store.schema import NUMERICS, NUMERICS_CHANGES, RUN_FILE, STATUSES
+from fdcr_mpi.store.schema import EXTENSIONS, NUMERICS, NUMERICS_CHANGES, RUN_FILE, STATUSES
 from fdcr_mpi.store.writer import RunFile
 
 __all__ = [
+    "EXTENSIONS",
     "NUMERICS",
     "NUMERICS_CHANGES",
     "RUN_FILE",

@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -232,12 +232,13 @@ def _read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(round_, weights, parts["rng"], parts["defense"], parts["extra"], path, config_hash)
 
 
-def load_latest_checkpoint(run_dir: str | os.PathLike[str], config_hash: str) -> Checkpoint | None:
+def load_latest_checkpoint(run_dir: str | os.PathLike[str], config_hash: str,
+                           earlier: Collection[str] = ()) -> Checkpoint | None:
     """The newest intact checkpoint of DIR, or None if there is none at all.
 
     Corrupt or truncated ones are skipped with a ``CheckpointWarning`` naming them. A
-    checkpoint of another config is a UserError, as is a directory whose checkpoints are
-    all corrupt.
+    checkpoint of another config (not ``config_hash`` nor one of the ``earlier`` hashes of a run
+    since extended to more rounds) is a UserError, as is a directory whose checkpoints are all corrupt.
     """
     found = list_checkpoints(run_dir)
     if not found:
@@ -248,7 +249,7 @@ def load_latest_checkpoint(run_dir: str | os.PathLike[str], config_hash: str) ->
         except _Corrupt as exc:
             warnings.warn(f"skipping checkpoint {path}: {exc}", CheckpointWarning, stacklevel=2)
             continue
-        if ckpt.config_hash != config_hash:
+        if ckpt.config_hash != config_hash and ckpt.config_hash not in earlier:
             raise UserError(
                 f"checkpoint {path} belongs to another config (hash {ckpt.config_hash}); "
                 "use a new --out directory or the same config"

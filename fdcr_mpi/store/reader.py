@@ -8,6 +8,7 @@ out with a ``RunFileWarning``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.store.disk import H5_ERRORS, open_h5, reason
-from fdcr_mpi.store.schema import FINAL_WINDOW
+from fdcr_mpi.store.schema import EXTENSIONS, FINAL_WINDOW
 
 
 class RunFileWarning(UserWarning):
@@ -165,6 +166,8 @@ def read_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
         for name in ("A", "R", "V", "R_paper", "V_paper"):
             column = columns.get(name)
             summary[f"final_{name}"] = _mean(column[-window:]) if column is not None else None
+        with contextlib.suppress(TypeError, ValueError):  # a damaged record is left out, not fatal here
+            summary["extensions"] = json.loads(_attr(f, EXTENSIONS) or "[]")
         summary["tpr_mean"] = _mean(rounds.get("tpr"))
         summary["fpr_mean"] = _mean(rounds.get("fpr"))
     return summary
@@ -220,6 +223,9 @@ def format_summary(summary: Mapping[str, Any], *, with_config: bool = False) -> 
               "R = 100 - ASR: the share of triggered test images not classified as the target class\n"
               "  (R: the other classes' images; R_paper: every triggered image, as in the paper). V = (A + R) / 2.\n"
               "TPR / FPR: the share of attackers / of benign clients the defense removed in a round.")
+    if summary.get("extensions"):
+        lines.insert(8, ("extended", "; ".join(f"{e.get('from_rounds')} -> {e.get('to_rounds')} rounds on "
+                                               f"{str(e.get('time', ''))[:10]}" for e in summary["extensions"])))
     if summary.get("final_sha256"):
         lines.append(("final sha256", summary["final_sha256"]))
     width = max(len(k) for k, _ in lines)

@@ -68,3 +68,4 @@ def extendable(group: h5py.Group, name: str, rows: int, row_shape: tuple[int, ..
 
 NUMERICS = "numerics"  # attribute: the numerics fingerprint (JSON) of the run's creation
 NUMERICS_CHANGES = "numerics_changes"  # attribute: resumes allowed to continue with other numerics (JSON list)
+EXTENSIONS = "extensions"  # attribute: the run's extensions to more rounds (JSON list, runtime/extension.py)

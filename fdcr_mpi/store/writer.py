@@ -3,7 +3,7 @@
 Layout (see docs/RUNFILE.md)::
 
     run.h5  attrs: format, format_version, config (YAML), config_hash, version, status,
-                   created, updated, num_clients, num_params, [final_sha256, ...]
+                   created, updated, num_clients, num_params, [final_sha256, extensions, ...]
       /clients/sizes (K,) int64, malicious (K,) bool,
                partition_indices (N,) int64, partition_offsets (K+1,) int64
       /rounds/<name>  (n,) or (n, K) extendable, one row per round; always a ``round`` column
@@ -21,6 +21,7 @@ Only rank 0 calls this module.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import warnings
@@ -48,6 +49,7 @@ from fdcr_mpi.store.reader import (
     stored_config,
 )
 from fdcr_mpi.store.schema import (
+    EXTENSIONS,
     FORMAT,
     FORMAT_VERSION,
     INT,
@@ -366,6 +368,37 @@ class RunFile:
             self.file.attrs["updated"] = now()
 
         self._write(f"the attribute {name}", 0, write)
+
+    def config_yaml(self) -> str:
+        """The stored config text."""
+        return _text(self.file.attrs["config"])
+
+    def extensions(self) -> list[dict[str, Any]]:
+        """The run's extensions to more rounds, oldest first (``runtime.extension``)."""
+        return json.loads(_text(self.file.attrs.get(EXTENSIONS, "[]")))
+
+    def earlier_hashes(self) -> list[str]:
+        """The config hashes this run had before it was extended: its checkpoints of then stay valid."""
+        return [str(e["previous_config_hash"]) for e in self.extensions()]
+
+    def extend(self, config_yaml: str, config_hash: str, record: dict[str, Any]) -> None:
+        """Take the config of more rounds (one write): the config and its hash, status running, no
+        final sha256, and ``record`` appended to ``extensions`` (with the hash and sha it replaces)."""
+        record = {**record, "previous_config_hash": self.config_hash,
+                  "previous_final_sha256": _text(self.file.attrs.get("final_sha256", ""))}
+        history = json.dumps([*self.extensions(), record], sort_keys=True)
+
+        def write() -> None:
+            self.file.attrs["config"] = config_yaml
+            self.file.attrs["config_hash"] = config_hash
+            self.file.attrs[EXTENSIONS] = history
+            self.file.attrs["status"] = "running"
+            if "final_sha256" in self.file.attrs:
+                del self.file.attrs["final_sha256"]
+            self.file.attrs["updated"] = now()
+
+        self._write("the extended config", len(config_yaml) + len(history), write)
+        self.planned_rounds = _planned_rounds(self.file)
 
     @property
     def status(self) -> str:
