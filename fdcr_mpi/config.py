@@ -88,6 +88,9 @@ class AttackConfig(Section):
     fisher: Literal["honest", "uniform", "mimic", "noise"] = "honest"
     poisoning: Literal["fixed", "bernoulli"] = "fixed"
     augmentation: Literal["fresh", "frozen"] = "fresh"
+    knowledge: Literal["omniscient", "attackers"] = "omniscient"
+    """What colluding attacks (lie, min_max, ...) craft from: every benign participant's update of the
+    round (omniscient) or the attackers' own honest updates only (attacks.collusion)."""
 
 
 class TriggerConfig(Section):
@@ -217,11 +220,19 @@ class BaseConfig(Section):
 
 
 def _schema() -> type[BaseConfig]:
-    """BaseConfig plus one section per registered defense, built from its ``Options``."""
+    """BaseConfig plus one section per registered defense, and per registered attack that has
+    options, built from its ``Options``."""
+    from fdcr_mpi import attacks
     from fdcr_mpi.defenses import available
 
     sections = {name: (cls.Options, cls.Options()) for name, cls in available().items()
                 if name not in BaseConfig.model_fields}
+    for name, cls in attacks.available().items():
+        if cls.Options.model_fields and name not in BaseConfig.model_fields:
+            if name in sections:
+                raise UserError(f"attack {name!r} and defense {name!r} would share the config section {name!r}; "
+                                "rename one of them")
+            sections[name] = (cls.Options, cls.Options())
     return pydantic.create_model("Config", __base__=BaseConfig, **sections)  # type: ignore[call-overload]
 
 
@@ -310,6 +321,9 @@ def _check_consistency(config: BaseConfig) -> None:
         raise UserError(f"config key 'attack.target_label' is {config.attack.target_label}, "
                         "but the datasets have 10 classes (0-9)")
     _check_participation(config, names[config.defense.name])
+    if config.defense.path == "reduce" and attacks.available()[config.attack.kind].colludes:
+        raise UserError(f"attack {config.attack.kind!r} crafts the attackers' updates from the round's updates on "
+                        "the server, which the reduce path never gathers; use defense.path=gather or auto")
     if attacks.available()[config.attack.kind].has_attackers:
         attackers = int(config.attack.malicious_ratio * config.data.num_clients)
         if config.attack.malicious_ratio > 0 and attackers == 0:
@@ -322,10 +336,13 @@ REDUCE_FROM = 100  # defense.path auto: the reduce path from this many clients p
 
 def aggregation_path(config: BaseConfig) -> str:
     """``gather`` or ``reduce``: ``defense.path`` with ``auto`` resolved."""
+    from fdcr_mpi import attacks
     from fdcr_mpi.defenses import available
 
     if config.defense.path != "auto":
         return config.defense.path
+    if attacks.available()[config.attack.kind].colludes:
+        return "gather"  # the attackers' rows meet on the server (Attack.collude)
     reducible = available()[config.defense.name].reducible
     return "reduce" if reducible and participants(config) >= REDUCE_FROM else "gather"
 
@@ -380,13 +397,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def warn_unused_options(config: BaseConfig, given: dict[str, Any]) -> None:
     """A warning for each option section the user set of a defense this run does not use (its
     values are ignored, and left out of the config hash)."""
+    from fdcr_mpi import attacks
     from fdcr_mpi.defenses import available
 
-    for name in available():
-        if name != config.defense.name and given.get(name):
-            keys = ", ".join(f"{name}.{key}" for key in given[name])
-            warnings.warn(f"{keys} set, but the defense is {config.defense.name}: ignored", UserWarning,
-                          stacklevel=3)
+    for names, role, used in ((available(), "defense", config.defense.name),
+                              (attacks.available(), "attack", config.attack.kind)):
+        for name in names:
+            if name != used and given.get(name):
+                keys = ", ".join(f"{name}.{key}" for key in given[name])
+                warnings.warn(f"{keys} set, but the {role} is {used}: ignored", UserWarning, stacklevel=3)
 
 
 def to_yaml(config: BaseConfig) -> str:
@@ -405,6 +424,7 @@ def from_yaml(text: str) -> BaseConfig:
 
 HASH_NEUTRAL: dict[str, Any] = {
     "data.normalization": "spec", "attack.poisoning": "fixed", "attack.augmentation": "fresh",
+    "attack.knowledge": "omniscient",
     "fdcr.variant": "paper", **{f"{name}.variant": "original" for name in (
         "multi_krum", "trimmed_median", "bulyan", "foolsgold", "sageflow", "crfl", "dnc")},
 }
@@ -419,6 +439,7 @@ def config_hash(config: BaseConfig) -> str:
     not use (changing another defense's defaults must not orphan a finished run), and the
     ``HASH_NEUTRAL`` keys at their neutral values.
     """
+    from fdcr_mpi import attacks
     from fdcr_mpi.defenses import available
 
     data = config.model_dump(mode="json")
@@ -426,6 +447,9 @@ def config_hash(config: BaseConfig) -> str:
     data.pop("plugins", None)
     for name in available():
         if name != config.defense.name:
+            data.pop(name, None)
+    for name in attacks.available():
+        if name != config.attack.kind:
             data.pop(name, None)
     data["data"].pop("root", None)
     data["data"].pop("download", None)

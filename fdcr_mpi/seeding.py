@@ -11,8 +11,9 @@ import torch
 
 # Purposes, so that two streams with the same (seed, k, t) never coincide. SERVER_MODEL: a
 # defense's own starting model (MarsFL's server momentum); AUGMENT: augmentation drawn once
-# (attack.augmentation: frozen).
-PARTITION, MODEL_INIT, CLIENT, POISON, PROXY, DEFENSE, SPLIT, ATTACKERS, SELECT, SERVER_MODEL, AUGMENT = range(11)
+# (attack.augmentation: frozen); COLLUDE: the colluding attackers' draws (attacks.collusion).
+(PARTITION, MODEL_INIT, CLIENT, POISON, PROXY, DEFENSE, SPLIT, ATTACKERS, SELECT, SERVER_MODEL, AUGMENT,
+ COLLUDE) = range(12)
 
 
 def derive_seed(seed: int, *keys: int) -> int:

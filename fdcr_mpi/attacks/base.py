@@ -5,20 +5,29 @@ its round, each a hook with the benign behaviour as default:
 
 - ``poison``: its training data, built once (relabelled rows, the trigger it stamps);
 - ``update``: its trained weights, changed in place before they are sent;
-- ``fisher``: the Fisher vector it reports (``None``: the honest one, computed as any client's).
+- ``fisher``: the Fisher vector it reports (``None``: the honest one, computed as any client's);
+- ``collude`` (attacks with ``colludes = True``): the attackers' updates crafted together from
+  the round's updates (``attack.knowledge``: every participant's, or the attackers' own honest
+  ones), the model-poisoning attacks of the robust-aggregation literature. The attackers'
+  coordination is simulated where their rows meet, on the server right after the gather and
+  before the defense sees any row (so the gather path only); it is the attack's code, never the
+  defense's, that knows which rows are the attackers'.
 
 Defenses never see an ``Attack``: it acts on the client side only. Adding an attack is one new
 module in this package (or the user's own, loaded with ``--plugin``) with a class decorated by
 ``@register("name")``; ``attack.kind`` selects it. ``attack.scale`` (model replacement) and
 ``attack.fisher`` (a forged Fisher vector) apply to any attack: they are this base class's
-``update`` and ``fisher``.
+``update`` and ``fisher``. An attack's hyperparameters are its pydantic ``Options``: the config
+section ``<name>.*`` (as a defense's), ``self.options`` here.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+import pydantic
 import torch
 
 from fdcr_mpi.attacks import forgery
@@ -32,15 +41,58 @@ if TYPE_CHECKING:
     from fdcr_mpi.config import BaseConfig
 
 
+class NoOptions(pydantic.BaseModel):
+    """Options of an attack that has none."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class RoundUpdates:
+    """What colluding attackers see of a round (``Attack.collude``), on the trainable entries.
+
+    updates: delta_k = w_k - w_t of every healthy participant, (m, P) float32, client order.
+    attackers: (m,) bool, the attackers' rows. known: (m,) bool, the rows whose honest update the
+    attackers know (every row, or their own: ``attack.knowledge``). num_clients: m.
+    rng: the round's generator of the attack (seeded by the run seed and the round).
+    """
+
+    updates: torch.Tensor
+    attackers: np.ndarray
+    known: np.ndarray
+    rng: np.random.Generator
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.updates.shape[0])
+
+    @property
+    def num_attackers(self) -> int:
+        return int(self.attackers.sum())
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """The honest updates the attackers know, (r, P)."""
+        return self.updates[torch.from_numpy(np.flatnonzero(self.known)).to(self.updates.device)]
+
+
 class Attack:
     """Base class: a malicious client's hooks. ``config`` is the run's config."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     has_attackers: ClassVar[bool] = True  # False: the run has no malicious client (attack.kind: none)
+    colludes: ClassVar[bool] = False  # True: ``collude`` crafts the attackers' updates on the server
+    Options: ClassVar[type[pydantic.BaseModel]] = NoOptions
 
     def __init__(self, config: BaseConfig) -> None:
         self.config = config
+        section = getattr(config, self.name, None) if self.Options.model_fields else None
+        self.options = section if isinstance(section, self.Options) else self.Options()
+
+    def collude(self, round_: RoundUpdates) -> torch.Tensor:
+        """The attackers' crafted updates, (a, P), one per attacker row in client order (``colludes``)."""
+        raise NotImplementedError  # pragma: no cover - only attacks with colludes = True
 
     def poison(self, data: ClientData, spec: DatasetSpec, client: int, malicious: np.ndarray) -> ClientData:
         """The malicious ``client``'s training data, from its clean ``data``."""

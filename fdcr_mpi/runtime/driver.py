@@ -315,7 +315,8 @@ def run_context(config: BaseConfig, transport, exp: Experiment, runner: ClientRu
         blocks=client_blocks(config.data.num_clients, transport.size, config.train.batch_clients), path=path,
         parallel_eval=parallel_eval(config, transport.size), trainable=runner.model.trainable.cpu(),
         w_buffer=host_buffer((d,), np.float32, pinned=runner.device.cuda),
-        proxy=server_proxy(config, exp) if transport.is_server and defense.needs_proxy else None, recv=recv)
+        proxy=server_proxy(config, exp) if transport.is_server and defense.needs_proxy else None, recv=recv,
+        attack=runner.attack if transport.is_server and runner.attack.colludes else None)
 
 
 def initial_weights(config: BaseConfig) -> torch.Tensor:

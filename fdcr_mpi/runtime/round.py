@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from fdcr_mpi import evaluation, metrics
+from fdcr_mpi.attacks import Attack
+from fdcr_mpi.attacks.collusion import collude
 from fdcr_mpi.config import BaseConfig
 from fdcr_mpi.data.experiment import Experiment
 from fdcr_mpi.defenses.base import Defense, ProxyData, RoundInputs, RoundResult
@@ -66,6 +68,7 @@ class RunContext:
     w_buffer: np.ndarray  # (D,) float32 host buffer every model is broadcast through (pinned on a GPU rank)
     proxy: ProxyData | None = None  # the server's proxy set, for the defenses that need one
     recv: SendBlocks | None = None  # the server's (m, D) rows on the gather path
+    attack: Attack | None = None  # the server's copy of a colluding attack (attacks.collusion)
 
     @property
     def is_server(self) -> bool:
@@ -158,7 +161,11 @@ def combine(ctx: RunContext, plan: RoundPlan, own: SendBlocks, w_t: torch.Tensor
         laps("gather")
         if not ctx.is_server:
             return None, own.meta
-        return defend(ctx.defense, round_inputs(ctx, recv, w_t, plan, t), recv.meta[:, FINITE] > 0), recv.meta
+        healthy = recv.meta[:, FINITE] > 0
+        if ctx.attack is not None:  # colluding attackers craft their rows before the defense sees any
+            collude(ctx.attack, recv.weights, w_t, ctx.trainable, ctx.exp.malicious[plan.selected], healthy,
+                    ctx.config.seed, t)
+        return defend(ctx.defense, round_inputs(ctx, recv, w_t, plan, t), healthy), recv.meta
     laps("gather")  # the reduce path's reductions are the defense's communication ("defend")
     meta = np.empty((m, len(META)), dtype=np.float64)
     transport.allgather_rows(own.meta, meta, plan.rows_per_rank)
