@@ -16,15 +16,18 @@ SMALL = ["data.dataset=digits", "rounds=2", "train.local_epochs=1",
          "fisher.max_samples=32", "data.proxy_size=64"]
 
 
+# DeepSight's 3 x 20,000 random inputs through every model each round cost minutes on a CPU: fewer here.
+LIGHTER = {"deepsight": ["deepsight.num_samples=500"]}
+
+
 @requires_mpi
 @pytest.mark.slow
 @pytest.mark.parametrize("defense", sorted(available()))
 def test_defense_runs_two_rounds_under_mpiexec(tmp_path: Path, defense: str) -> None:
-    result = launch(["run", *SMALL, f"defense.name={defense}", "--quiet", "--out", str(tmp_path)], 3,
-                    timeout=300)
+    args = ["run", *SMALL, f"defense.name={defense}", *LIGHTER.get(defense, []), "--quiet"]
+    result = launch([*args, "--out", str(tmp_path)], 3, timeout=300)
     digest = final_sha(result)
-    alone = launch(["run", *SMALL, f"defense.name={defense}", "--quiet", "--out", str(tmp_path / "one")], None,
-                   timeout=300)
+    alone = launch([*args, "--out", str(tmp_path / "one")], None, timeout=300)
     assert final_sha(alone) == digest, f"{defense}: one process and mpiexec -n 3 differ"
     with h5py.File(tmp_path / "run.h5") as f:
         assert f.attrs["status"] == "complete" and f.attrs["final_sha256"] == digest

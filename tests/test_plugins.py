@@ -33,7 +33,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_the_documented_plugin_runs_lists_resumes_and_is_validated(tmp_path: Path) -> None:
     plugin = example(tmp_path)
     listed = run_cli("list", "defenses", "--plugin", str(plugin))
-    assert listed.returncode == 0 and re.search(r"^clipped_mean\s+updates clipped", listed.stdout, re.M)
+    assert listed.returncode == 0 and re.search(r"^  clipped_mean\s+updates clipped", listed.stdout, re.M)
     attacks = run_cli("list", "attacks", "--plugin", str(plugin))
     assert re.search(r"^flip\s+every label", attacks.stdout, re.M)
     out = tmp_path / "run"

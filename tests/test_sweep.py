@@ -78,9 +78,9 @@ def test_the_committed_sweep_files_expand_and_validate() -> None:
     table4 = load_sweep(REPO / "configs" / "sweeps" / "table4.yaml")
     assert list(table4.spec.axes)[:4] == ["data.dataset", "data.beta", "attack.malicious_ratio", "defense.name"]
     assert len(table4.runs) == 3 * 2 * 2 * 14 * len(table4.spec.axes["seed"])
-    from fdcr_mpi.defenses import available
+    from fdcr_mpi.reference import paper_methods
 
-    assert set(table4.spec.axes["defense.name"]) == set(available())
+    assert set(table4.spec.axes["defense.name"]) == set(paper_methods())
     assert len({r.name for r in table4.runs}) == len(table4.runs)
     for name in ("small.yaml", "fmnist_example.yaml"):
         sweep = load_sweep(REPO / "configs" / "sweeps" / name)

@@ -187,8 +187,16 @@ def cmd_list(args: argparse.Namespace) -> int:
         from fdcr_mpi import attacks, defenses
 
         registry = defenses.available() if args.what == "defenses" else attacks.available()
-        for name, cls in registry.items():
-            print(f"{name:16s} {cls.summary}")
+        if args.what == "defenses":
+            from fdcr_mpi.reference import paper_methods
+
+            print("(* the paper's Table 4)")
+            marked = set(paper_methods())
+            for name, cls in registry.items():
+                print(f"{'*' if name in marked else ' '} {name:18s} {cls.summary}")
+        else:
+            for name, cls in registry.items():
+                print(f"{name:16s} {cls.summary}")
     elif args.what == "datasets":
         from fdcr_mpi.data.datasets import SPECS
 

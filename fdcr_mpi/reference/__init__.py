@@ -140,6 +140,13 @@ def all_tables() -> list[Table]:
     return [packaged(name) for name in TABLES]
 
 
+def paper_methods() -> list[str]:
+    """The defenses the paper compares in Table 4 (``defense.name``), in the table's order."""
+    table = packaged("table4")
+    index = table.keys.index("defense.name")
+    return list(dict.fromkeys(str(values[index]) for values, _ in table.rows))
+
+
 def paper_figures(config: Mapping[str, Any], tables: Iterable[Table] | None = None) -> dict[str, float] | None:
     """The paper's A, R, V (in its metric) for a run's flattened config, or None.
 
