@@ -280,31 +280,6 @@ def test_alignins_top_k_ties_go_to_the_lower_coordinate() -> None:
 # ------------------------------------------------------------------ common contract and edge cases
 
 
-@pytest.mark.parametrize("cls", CLASSES)
-def test_result_contract_and_buffer_averaging(cls: type) -> None:
-    rng = np.random.default_rng(9)
-    k, p, buffers = 10, 400, 6
-    trainable = torch.ones(p + buffers, dtype=torch.bool)
-    trainable[p:] = False
-    sizes = rng.integers(5, 50, size=k).astype(np.float64)
-    inputs = make_inputs(rng.normal(size=(k, p + buffers)) * 0.1, rng.normal(size=p + buffers), sizes,
-                         trainable=trainable, round=0, total_rounds=2)
-    res = cls().aggregate(inputs)
-    again = cls().aggregate(inputs)
-    assert torch.equal(res.weights, again.weights)
-    np.testing.assert_array_equal(res.alpha_hat, again.alpha_hat)
-    assert res.weights.dtype == torch.float32 and res.weights.shape == (p + buffers,)
-    assert res.alpha_hat.dtype == np.float64 and res.alpha_hat.shape == (k,)
-    assert res.removed.dtype == bool and res.removed.shape == (k,)
-    assert res.alpha_hat.sum() == pytest.approx(1.0)
-    assert (res.alpha_hat[res.removed] == 0).all() and (res.alpha_hat[~res.removed] > 0).all()
-    client_buffers = inputs.client_weights[:, p:].double().numpy()
-    np.testing.assert_allclose(res.weights.numpy()[p:], res.alpha_hat @ client_buffers, atol=1e-5)
-    for name, value in res.diagnostics.items():
-        assert np.all(np.isfinite(np.asarray(value, dtype=np.float64))), name
-        assert np.ndim(value) == 0 or np.shape(value) == (k,), name
-
-
 def test_seed_option_and_round_vary_the_draws() -> None:
     u, sizes = signguard_case(7, d=600)
     inputs = make_inputs(u, sizes=sizes, round=2)

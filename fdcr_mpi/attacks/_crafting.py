@@ -47,6 +47,16 @@ def largest_gamma(fits: Callable[[float], bool], gamma_init: float, tau: float) 
     return found
 
 
+def shifted_mean(reference: torch.Tensor, kind: str, gamma_init: float, tau: float,
+                 within: Callable[[torch.Tensor], bool]) -> tuple[torch.Tensor, float]:
+    """(m, gamma): m = mu - gamma p with the largest gamma (``largest_gamma``) for which ``within(m)``
+    holds, mu the mean of the known updates and p the ``kind`` perturbation; m (P,) float32."""
+    mu, _ = mean_and_std(reference)
+    p = perturbation(reference, kind)
+    gamma = largest_gamma(lambda g: within(mu - g * p), gamma_init, tau)
+    return (mu - gamma * p).to(torch.float32), gamma
+
+
 def squared_distances(rows: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
     """||b_i - point||^2 for every row b_i, (r,) float64."""
     return ((rows.to(torch.float64) - point.to(torch.float64)) ** 2).sum(dim=1)

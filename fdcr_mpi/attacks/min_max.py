@@ -16,13 +16,7 @@ from typing import Literal
 import pydantic
 import torch
 
-from fdcr_mpi.attacks._crafting import (
-    largest_gamma,
-    mean_and_std,
-    pairwise_squared,
-    perturbation,
-    squared_distances,
-)
+from fdcr_mpi.attacks._crafting import pairwise_squared, shifted_mean, squared_distances
 from fdcr_mpi.attacks.base import Attack, RoundUpdates, register
 
 
@@ -37,16 +31,11 @@ class SearchOptions(pydantic.BaseModel):
 
 
 def min_max_update(reference: torch.Tensor, kind: str, gamma_init: float, tau: float) -> tuple[torch.Tensor, float]:
-    """(m, gamma): eq. 7's largest gamma, m = mu - gamma p, (P,) float32."""
-    mu, _ = mean_and_std(reference)
-    p = perturbation(reference, kind)
+    """(m, gamma): eq. 7's largest gamma, m = mu - gamma p, (P,) float32: m no farther from any
+    known update than the two farthest known updates are from each other."""
     bound = float(pairwise_squared(reference).max())
-
-    def fits(gamma: float) -> bool:
-        return float(squared_distances(reference, mu - gamma * p).max()) <= bound
-
-    gamma = largest_gamma(fits, gamma_init, tau)
-    return (mu - gamma * p).to(torch.float32), gamma
+    return shifted_mean(reference, kind, gamma_init, tau,
+                        lambda m: float(squared_distances(reference, m).max()) <= bound)
 
 
 @register("min_max")

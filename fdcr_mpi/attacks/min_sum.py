@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from fdcr_mpi.attacks._crafting import (
-    largest_gamma,
-    mean_and_std,
-    pairwise_squared,
-    perturbation,
-    squared_distances,
-)
+from fdcr_mpi.attacks._crafting import pairwise_squared, shifted_mean, squared_distances
 from fdcr_mpi.attacks.base import Attack, RoundUpdates, register
 from fdcr_mpi.attacks.min_max import SearchOptions
 
 
 def min_sum_update(reference: torch.Tensor, kind: str, gamma_init: float, tau: float) -> tuple[torch.Tensor, float]:
-    """(m, gamma): eq. 8's largest gamma, m = mu - gamma p, (P,) float32."""
-    mu, _ = mean_and_std(reference)
-    p = perturbation(reference, kind)
+    """(m, gamma): eq. 8's largest gamma, m = mu - gamma p, (P,) float32: m's summed squared distance
+    to the known updates within the largest such sum of a known update."""
     bound = float(pairwise_squared(reference).sum(dim=1).max())
-
-    def fits(gamma: float) -> bool:
-        return float(squared_distances(reference, mu - gamma * p).sum()) <= bound
-
-    gamma = largest_gamma(fits, gamma_init, tau)
-    return (mu - gamma * p).to(torch.float32), gamma
+    return shifted_mean(reference, kind, gamma_init, tau,
+                        lambda m: float(squared_distances(reference, m).sum()) <= bound)
 
 
 @register("min_sum")

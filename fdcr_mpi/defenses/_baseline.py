@@ -133,6 +133,34 @@ def distances_to(rows: torch.Tensor, point: torch.Tensor) -> np.ndarray:
     return acc.sqrt().cpu().numpy()
 
 
+# ---------------------------------------------------------------- norm clipping, noise
+
+
+def update_norms(rows: torch.Tensor) -> np.ndarray:
+    """||delta_k||_2 of every row, (K,) float64."""
+    return distances_to(rows, torch.zeros(rows.shape[1], dtype=rows.dtype, device=rows.device))
+
+
+def clip_factors(norms: np.ndarray, bound: float) -> np.ndarray:
+    """c_k = min(1, bound / ||delta_k||), 1 for a zero update (norm clipping, FLAME, SignGuard, ...)."""
+    norms = np.asarray(norms, dtype=np.float64)
+    return np.minimum(1.0, np.divide(bound, norms, out=np.ones_like(norms), where=norms > 0))
+
+
+def clipped_kept_mean(inputs: RoundInputs, updates: torch.Tensor, keep: np.ndarray, factors: np.ndarray
+                      ) -> tuple[torch.Tensor | None, np.ndarray]:
+    """(step, alpha_hat): the alpha-weighted mean of the kept updates, each clipped by its factor
+    c_k (sum_k alpha_hat_k c_k delta_k, alpha_hat_k = alpha_k renormalised over the kept clients);
+    step None when nobody is kept (w_t stays)."""
+    alpha_hat = normalized(np.where(keep, alpha_numpy(inputs), 0.0))
+    return (combine(alpha_hat * factors, updates) if alpha_hat.sum() > 0 else None), alpha_hat
+
+
+def gaussian_noise(size: int, std: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """std * N(0, 1) draws, (size,) float32, drawn on the CPU (the same on any device), then moved to ``device``."""
+    return (std * torch.randn(size, generator=generator, dtype=torch.float32)).to(device)
+
+
 def cosine_matrix(rows: torch.Tensor) -> np.ndarray:
     """cos(u_i, u_j), (K, K) float64; a zero row has cosine 0 with everything."""
     g = gram(rows)

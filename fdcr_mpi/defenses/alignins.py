@@ -40,14 +40,15 @@ import pydantic
 import torch
 
 from fdcr_mpi.defenses._baseline import (
-    alpha_numpy,
+    clip_factors,
+    clipped_kept_mean,
     column_chunks,
     combine,
     distances_to,
     finish,
-    normalized,
     trainable_mask,
     trainable_updates,
+    update_norms,
 )
 from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult, register
 
@@ -128,11 +129,10 @@ class AlignIns(Defense):
         sign_alignment = mpsa(updates, principal_sign(updates), int(o.sparsity * p))
         mz_tda, mz_mpsa = mz_scores(tda), mz_scores(sign_alignment)
         keep = (mz_mpsa < o.lambda_s) & (mz_tda < o.lambda_c)
-        norms = distances_to(updates, torch.zeros(p, dtype=updates.dtype, device=updates.device))
+        norms = update_norms(updates)
         bound = float(np.median(norms[keep])) if keep.any() else 0.0
-        factors = np.minimum(1.0, np.divide(bound, norms, out=np.ones_like(norms), where=norms > 0))
-        alpha_hat = normalized(np.where(keep, alpha_numpy(inputs), 0.0))
-        step = combine(alpha_hat * factors, updates) if keep.any() else None
+        factors = clip_factors(norms, bound)
+        step, alpha_hat = clipped_kept_mean(inputs, updates, keep, factors)
         return finish(inputs, step, alpha_hat, ~keep,
                       {"tda": tda, "mpsa": sign_alignment, "mz_tda": mz_tda, "mz_mpsa": mz_mpsa,
                        "update_norm": norms, "clip_factor": factors, "clip_bound": bound})

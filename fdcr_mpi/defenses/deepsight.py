@@ -59,14 +59,13 @@ from sklearn.cluster import HDBSCAN
 from torch import nn
 
 from fdcr_mpi.defenses._baseline import (
-    alpha_numpy,
-    combine,
+    clip_factors,
+    clipped_kept_mean,
     cosine_matrix,
-    distances_to,
     finish,
-    normalized,
     require_proxy,
     trainable_updates,
+    update_norms,
 )
 from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult, register
 from fdcr_mpi.models import FlatModel
@@ -191,13 +190,6 @@ def accepted_clients(clusters: np.ndarray, suspicious: np.ndarray, tau: float) -
     return accepted
 
 
-def clip_factors(norms: np.ndarray) -> tuple[np.ndarray, float]:
-    """min(1, S / ||delta_k||) with S the median norm (step 7); a zero update keeps factor 1."""
-    bound = float(np.median(norms)) if norms.size else 0.0
-    factors = np.divide(bound, norms, out=np.ones_like(norms), where=norms > 0)
-    return np.minimum(factors, 1.0), bound
-
-
 @register("deepsight")
 class DeepSight(Defense):
     """Label models by their output-layer update energy, cluster them, drop suspicious clusters, clip."""
@@ -253,10 +245,10 @@ class DeepSight(Defense):
         accepted = accepted_clients(clusters, suspicious, o.tau)
 
         updates = trainable_updates(inputs)
-        norms = distances_to(updates, torch.zeros(updates.shape[1], device=updates.device))
-        factors, bound = clip_factors(norms)
-        alpha_hat = normalized(np.where(accepted, alpha_numpy(inputs), 0.0))
-        step = combine(alpha_hat * factors, updates) if alpha_hat.sum() > 0 else None
+        norms = update_norms(updates)
+        bound = float(np.median(norms)) if norms.size else 0.0  # step 7: S, the median norm
+        factors = clip_factors(norms, bound)
+        step, alpha_hat = clipped_kept_mean(inputs, updates, accepted, factors)
         return finish(inputs, step, alpha_hat, ~accepted, {
             "threshold_exceedings": te.astype(np.float64), "suspicious": suspicious.astype(np.float64),
             "cluster": clusters.astype(np.float64), "clip_factor": factors, "clip_bound": bound,

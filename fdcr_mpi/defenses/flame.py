@@ -42,15 +42,15 @@ import torch
 from sklearn.cluster import HDBSCAN
 
 from fdcr_mpi.defenses._baseline import (
-    alpha_numpy,
+    clip_factors,
+    clipped_kept_mean,
     column_chunks,
-    combine,
     cosine_matrix,
-    distances_to,
     finish,
-    normalized,
+    gaussian_noise,
     trainable_mask,
     trainable_updates,
+    update_norms,
 )
 from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult, register
 from fdcr_mpi.seeding import DEFENSE, torch_generator
@@ -95,11 +95,6 @@ def majority_cluster(distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels == best, labels
 
 
-def clip_factors(norms: np.ndarray, bound: float) -> np.ndarray:
-    """Step 3: min(1, S_t / e_k); 1 for a zero update."""
-    return np.minimum(1.0, np.divide(bound, norms, out=np.ones_like(norms), where=norms > 0))
-
-
 @register("flame")
 class Flame(Defense):
     """HDBSCAN majority cluster of cosine distances, median-norm clipping, Gaussian noise."""
@@ -114,11 +109,6 @@ class Flame(Defense):
             default="models", description="cosine distances between the local models (paper) or the updates")
         seed: int = pydantic.Field(default=0, ge=0, description="mixed with the run's seed: varies the noise alone")
 
-    def noise(self, inputs: RoundInputs, size: int, std: float, device: torch.device) -> torch.Tensor:
-        """std * N(0, 1) draws of this round, drawn on the CPU, (size,) float32 on ``device``."""
-        gen = torch_generator(inputs.seed, DEFENSE, self.options.seed, inputs.round)
-        return (std * torch.randn(size, generator=gen, dtype=torch.float32)).to(device)
-
     def aggregate(self, inputs: RoundInputs) -> RoundResult:
         updates = trainable_updates(inputs)
         if self.options.space == "models":
@@ -126,14 +116,14 @@ class Flame(Defense):
         else:
             cos = cosine_matrix(updates)
         admitted, labels = majority_cluster(cosine_distances(cos))
-        norms = distances_to(updates, torch.zeros(updates.shape[1], dtype=updates.dtype, device=updates.device))
-        bound = float(np.median(norms)) if norms.size else 0.0
+        norms = update_norms(updates)
+        bound = float(np.median(norms)) if norms.size else 0.0  # step 3: S_t, the median norm
         factors = clip_factors(norms, bound)
-        alpha_hat = normalized(np.where(admitted, alpha_numpy(inputs), 0.0))
-        step = combine(alpha_hat * factors, updates)
+        step, alpha_hat = clipped_kept_mean(inputs, updates, admitted, factors)
         std = self.options.noise_lambda * bound
-        if std > 0:
-            step = step + self.noise(inputs, step.numel(), std, step.device)
+        if std > 0 and step is not None:  # step 4: N(0, (lambda S_t)^2), drawn on the CPU
+            generator = torch_generator(inputs.seed, DEFENSE, self.options.seed, inputs.round)
+            step = step + gaussian_noise(step.numel(), std, generator, step.device)
         return finish(inputs, step, alpha_hat, ~admitted,
                       {"flame_label": labels, "update_norm": norms, "clip_factor": factors,
                        "clip_bound": bound, "noise_std": std, "admitted_count": int(admitted.sum())})

@@ -34,11 +34,12 @@ import torch
 
 from fdcr_mpi.defenses._baseline import (
     alpha_numpy,
+    clip_factors,
     combine,
-    distances_to,
     finish,
     normalized,
     trainable_updates,
+    update_norms,
 )
 from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult, register
 
@@ -60,23 +61,9 @@ Bound = Annotated[float | Literal["median"], pydantic.BeforeValidator(check_boun
 BOUND_DESCRIPTION = "norm bound M: 'median' (the median update norm of the round) or a fixed number (the paper's M)"
 
 
-def update_norms(rows: torch.Tensor) -> np.ndarray:
-    """||delta_k||_2 of every row, (K,) float64."""
-    return distances_to(rows, torch.zeros(rows.shape[1], dtype=rows.dtype, device=rows.device))
-
-
 def norm_bound(norms: np.ndarray, bound: float | str) -> float:
     """Step 1: M = the median norm (``bound='median'``) or the fixed number given."""
     return float(np.median(norms)) if bound == "median" else float(bound)
-
-
-def clip_factors(norms: np.ndarray, bound: float) -> np.ndarray:
-    """Step 2: c_k = min(1, M / ||delta_k||), with c_k = 1 where ||delta_k|| <= M (a zero update too)."""
-    norms = np.asarray(norms, dtype=np.float64)
-    factors = np.ones_like(norms)
-    over = norms > bound
-    factors[over] = bound / norms[over]
-    return factors
 
 
 def clipped_mean(rows: torch.Tensor, alpha: np.ndarray, bound: float | str) -> tuple[torch.Tensor, np.ndarray,

@@ -40,12 +40,11 @@ from sklearn.cluster import MeanShift, estimate_bandwidth
 
 from fdcr_mpi.defenses._baseline import (
     CHUNK,
-    alpha_numpy,
-    combine,
-    distances_to,
+    clip_factors,
+    clipped_kept_mean,
     finish,
-    normalized,
     trainable_updates,
+    update_norms,
 )
 from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult, register
 from fdcr_mpi.seeding import DEFENSE, numpy_rng
@@ -104,11 +103,6 @@ def sign_cluster(features: np.ndarray, random_state: int) -> tuple[np.ndarray, n
     return keep, labels, bandwidth
 
 
-def clip_factors(norms: np.ndarray, bound: float) -> np.ndarray:
-    """Step 5: min(1, bound / n_k); 1 for a zero update."""
-    return np.minimum(1.0, np.divide(bound, norms, out=np.ones_like(norms), where=norms > 0))
-
-
 @register("signguard")
 class SignGuard(Defense):
     """Norm filter and MeanShift on sign statistics, intersected; median-norm clipping."""
@@ -126,7 +120,7 @@ class SignGuard(Defense):
     def aggregate(self, inputs: RoundInputs) -> RoundResult:
         updates = trainable_updates(inputs)
         p = updates.shape[1]
-        norms = distances_to(updates, torch.zeros(p, dtype=updates.dtype, device=updates.device))
+        norms = update_norms(updates)
         by_norm = norm_filter(norms, self.options.lower, self.options.upper)
         rng = numpy_rng(inputs.seed, DEFENSE, self.options.seed, inputs.round)
         size = min(max(int(self.options.coordinate_fraction * p), 1), p)
@@ -135,9 +129,8 @@ class SignGuard(Defense):
         by_sign, labels, bandwidth = sign_cluster(features, int(rng.integers(2**31 - 1)))
         keep = by_norm & by_sign
         bound = float(np.median(norms))
-        factors = clip_factors(norms, bound)
-        alpha_hat = normalized(np.where(keep, alpha_numpy(inputs), 0.0))
-        step = combine(alpha_hat * factors, updates) if keep.any() else None
+        factors = clip_factors(norms, bound)  # step 5
+        step, alpha_hat = clipped_kept_mean(inputs, updates, keep, factors)
         return finish(inputs, step, alpha_hat, ~keep,
                       {"update_norm": norms, "norm_ratio": norms / bound if bound > 0 else np.zeros_like(norms),
                        "sign_positive": features[:, 0], "sign_zero": features[:, 1], "sign_negative": features[:, 2],

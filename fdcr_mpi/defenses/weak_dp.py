@@ -19,19 +19,13 @@ diagnostics are those of ``norm_clipping``.
 from __future__ import annotations
 
 import pydantic
-import torch
 
-from fdcr_mpi.defenses._baseline import alpha_numpy, finish, trainable_updates
+from fdcr_mpi.defenses._baseline import alpha_numpy, finish, gaussian_noise, trainable_updates
 from fdcr_mpi.defenses.base import Defense, RoundInputs, RoundResult, register
 from fdcr_mpi.defenses.norm_clipping import BOUND_DESCRIPTION, Bound, clipped_mean
 from fdcr_mpi.seeding import DEFENSE, torch_generator
 
 PAPER_SIGMA = 0.025
-
-
-def gaussian_noise(size: int, sigma: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Step 2's xi: sigma * N(0, 1) draws, (size,) float32, drawn on the CPU, then moved to ``device``."""
-    return (sigma * torch.randn(size, generator=generator, dtype=torch.float32)).to(device)
 
 
 @register("weak_dp")
