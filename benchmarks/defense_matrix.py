@@ -1,9 +1,12 @@
-"""Every defense against every attack on a small real-data setting: the A/R/V table (issue 4).
+"""Every defense against every attack on a small real-data setting: the A/R/V table (issues 4, 16).
 
 Runs ``fdcr-mpi run`` for each (defense, attack) pair, N at a time, then reads the run files and
 writes ``benchmarks/results/defense_matrix.json`` and ``.md``. Not part of the tests.
 
     python -m benchmarks.defense_matrix --data-root ../shared/data -j 2
+    python -m benchmarks.defense_matrix --only fdcr fedavg --attacks lie min_max   # some cells
+
+A cell already finished in ``--runs`` is not run again, so the table grows over several sittings.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ DESCRIPTION = ("Fashion-MNIST (real files, the whole 54,000-image client pool) o
                "fisher_uniform / fisher_mimic: attackers report a constant Fisher vector / the Fisher of their "
                "clean samples; run only against defenses that read Fisher vectors (for the others the result "
                "is the badnets one). `solid` (the full 2x6 block instead of the paper's pattern) was run for "
-               "fedavg and fdcr only, to save time; the other cells of that column are blank.")
+               "fedavg and fdcr only, to save time. The untargeted attacks (lie, min_max, min_sum, ipm, "
+               "sign_flip, gaussian, label_flip) aim at A, not at the backdoor: read their A (R stays high "
+               "because no trigger is planted). scaling: BadNets with model replacement by n / eta = 10. "
+               "A blank cell was not run.")
 ATTACKS: dict[str, list[str]] = {
     "none": ["attack.kind=none"],
     "badnets": [],
@@ -38,11 +44,20 @@ ATTACKS: dict[str, list[str]] = {
     "scale3": ["attack.scale=3"],
     "fisher_uniform": ["attack.fisher=uniform"],
     "fisher_mimic": ["attack.fisher=mimic"],
+    "scaling": ["attack.kind=scaling"],
+    "lie": ["attack.kind=lie"],
+    "min_max": ["attack.kind=min_max"],
+    "min_sum": ["attack.kind=min_sum"],
+    "ipm": ["attack.kind=ipm"],
+    "sign_flip": ["attack.kind=sign_flip"],
+    "gaussian": ["attack.kind=gaussian"],
+    "label_flip": ["attack.kind=label_flip"],
 }
 FISHER_ONLY = {"fisher_uniform", "fisher_mimic"}  # forged Fisher vectors matter only to defenses that read them
 CLEAN_ONLY = {"fedavg", "fdcr"}  # clean runs (attack none), for the accuracy a defense costs
 SOLID_ONLY = {"fedavg", "fdcr"}  # the solid trigger differs from badnets by its pixels only (time)
-RUN_ORDER = ["badnets", "scale3", "fisher_uniform", "fisher_mimic", "none", "dba", "solid"]
+RUN_ORDER = ["badnets", "scale3", "fisher_uniform", "fisher_mimic", "none", "dba", "solid", "lie", "min_max",
+             "ipm", "sign_flip", "label_flip", "min_sum", "gaussian", "scaling"]
 
 
 def pairs() -> list[tuple[str, str]]:
@@ -58,8 +73,10 @@ def pairs() -> list[tuple[str, str]]:
     return out
 
 
-def run_one(name: str, attack: str, root: Path, data_root: str) -> dict:
+def run_one(name: str, attack: str, root: Path, data_root: str) -> dict | None:
     out = root / f"{name}__{attack}"
+    if collect_one(name, attack, root) is not None:
+        return None  # finished in an earlier sitting
     args = [sys.executable, "-m", "fdcr_mpi", "run", *SETTING, *ATTACKS[attack], f"defense.name={name}",
             f"data.root={data_root}", "--quiet", "--out", str(out)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=3600)
@@ -107,10 +124,13 @@ def main() -> int:
     parser.add_argument("-j", "--jobs", type=int, default=2)
     parser.add_argument("--collect", action="store_true", help="only tabulate the runs already finished")
     parser.add_argument("--only", nargs="*", help="run only these defenses (the table still lists all)")
+    parser.add_argument("--attacks", nargs="*", help="run only these attacks (columns)")
     args = parser.parse_args()
     todo = pairs()
     if args.only:
         todo = [p for p in todo if p[0] in args.only]
+    if args.attacks:
+        todo = [p for p in todo if p[1] in args.attacks]
     if not args.collect:
         with ThreadPoolExecutor(args.jobs) as pool:
             for done in pool.map(lambda p: run_one(*p, args.runs, args.data_root), todo):
@@ -125,9 +145,19 @@ def collected(runs: Path) -> list[dict]:
     return [r for r in (collect_one(*p, runs) for p in pairs()) if r is not None]
 
 
+def committed(out: Path) -> list[dict]:
+    """The cells of the committed table (earlier sittings, whose run directories may be gone)."""
+    path = out / "defense_matrix.json"
+    return json.loads(path.read_text())["results"] if path.is_file() else []
+
+
 def write_tables(runs: Path, out: Path, complete: bool) -> str:
-    """Write defense_matrix.json and .md from the finished runs; returns the table."""
-    results = collected(runs)
+    """Write defense_matrix.json and .md from the finished runs and the committed cells they do not
+    redo; returns the table."""
+    fresh = collected(runs)
+    done = {(r["defense"], r["attack"]) for r in fresh}
+    results = [r for r in committed(out) if (r["defense"], r["attack"]) not in done and "error" not in r] + fresh
+    complete = complete or {(r["defense"], r["attack"]) for r in results} >= set(pairs())
     out.mkdir(parents=True, exist_ok=True)
     (out / "defense_matrix.json").write_text(json.dumps({"setting": SETTING, "results": results}, indent=1))
     title = "Every defense against every attack" + ("" if complete else " (PARTIAL: blank cells were not run)")

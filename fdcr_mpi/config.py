@@ -71,7 +71,9 @@ class AttackConfig(Section):
     ``honest`` (on its poisoned data, as the paper), ``uniform`` (a constant vector),
     ``mimic`` (the Fisher of its clean samples only, as a benign client would report) or
     ``noise`` (N(0, 1) noise on every parameter: what the released FDCR code substitutes for
-    the attackers' Fisher vectors, here reported by the attackers themselves).
+    the attackers' Fisher vectors, here reported by the attackers themselves) or ``adaptive``
+    (the vector that minimises the attacker's FDCR discrepancy V_k, crafted with knowledge of
+    the protocol and of ``knowledge``'s rows: attacks.adaptive_fisher).
     poisoning: ``fixed`` (a seeded subset of exactly round(poison_rate n) samples) or
     ``bernoulli`` (each sample independently with probability poison_rate, as the released code).
     augmentation: ``fresh`` (an attacker's batches are augmented anew every epoch, as a benign
@@ -85,9 +87,12 @@ class AttackConfig(Section):
     target_label: int = pydantic.Field(2, ge=0)
     poison_rate: float = pydantic.Field(0.5, gt=0, le=1)
     scale: float = pydantic.Field(1.0, gt=0)
-    fisher: Literal["honest", "uniform", "mimic", "noise"] = "honest"
+    fisher: Literal["honest", "uniform", "mimic", "noise", "adaptive"] = "honest"
     poisoning: Literal["fixed", "bernoulli"] = "fixed"
     augmentation: Literal["fresh", "frozen"] = "fresh"
+    pgd_radius: float | None = pydantic.Field(None, gt=0)
+    """An attacker's sent update projected onto the L2 ball of this radius around w_t (after its attack's
+    own change; any attack; Attack.send); null: no projection."""
     knowledge: Literal["omniscient", "attackers"] = "omniscient"
     """What colluding attacks (lie, min_max, ...) craft from: every benign participant's update of the
     round (omniscient) or the attackers' own honest updates only (attacks.collusion)."""
@@ -324,6 +329,9 @@ def _check_consistency(config: BaseConfig) -> None:
     if config.defense.path == "reduce" and attacks.available()[config.attack.kind].colludes:
         raise UserError(f"attack {config.attack.kind!r} crafts the attackers' updates from the round's updates on "
                         "the server, which the reduce path never gathers; use defense.path=gather or auto")
+    if config.defense.path == "reduce" and config.attack.fisher == "adaptive":
+        raise UserError("attack.fisher=adaptive forges the attackers' Fisher vectors from the round's rows on the "
+                        "server, which the reduce path never gathers; use defense.path=gather or auto")
     if attacks.available()[config.attack.kind].has_attackers:
         attackers = int(config.attack.malicious_ratio * config.data.num_clients)
         if config.attack.malicious_ratio > 0 and attackers == 0:
@@ -341,8 +349,8 @@ def aggregation_path(config: BaseConfig) -> str:
 
     if config.defense.path != "auto":
         return config.defense.path
-    if attacks.available()[config.attack.kind].colludes:
-        return "gather"  # the attackers' rows meet on the server (Attack.collude)
+    if attacks.available()[config.attack.kind].colludes or config.attack.fisher == "adaptive":
+        return "gather"  # the attackers' rows meet on the server (attacks.collusion)
     reducible = available()[config.defense.name].reducible
     return "reduce" if reducible and participants(config) >= REDUCE_FROM else "gather"
 
@@ -424,7 +432,7 @@ def from_yaml(text: str) -> BaseConfig:
 
 HASH_NEUTRAL: dict[str, Any] = {
     "data.normalization": "spec", "attack.poisoning": "fixed", "attack.augmentation": "fresh",
-    "attack.knowledge": "omniscient",
+    "attack.knowledge": "omniscient", "attack.pgd_radius": None,
     "fdcr.variant": "paper", **{f"{name}.variant": "original" for name in (
         "multi_krum", "trimmed_median", "bulyan", "foolsgold", "sageflow", "crfl", "dnc")},
 }

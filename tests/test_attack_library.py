@@ -172,6 +172,67 @@ def test_label_flip_relabels_every_sample_and_stamps_no_trigger() -> None:
     assert out.trigger is None and not out.poisoned.any()
 
 
+def test_pgd_projects_the_sent_update_onto_the_ball_after_the_attack() -> None:
+    w_t = torch.zeros(50)
+    w_k = torch.linspace(0.01, 0.5, 50)
+    far, near = w_k.clone(), (w_k * 1e-3).clone()
+    attack_of("sign_flip", "attack.pgd_radius=0.25").send(far, w_t)
+    attack_of("sign_flip", "attack.pgd_radius=0.25").send(near, w_t)
+    torch.testing.assert_close(far, -w_k * (0.25 / float(w_k.norm())))  # flipped, then projected
+    torch.testing.assert_close(near, -w_k * 1e-3)  # inside the ball: only flipped
+    assert config_hash(load_config(None, ["attack.pgd_radius=0.25"])) != config_hash(load_config(None))
+
+
+# ----------------------------------------------------------------------------- adaptive Fisher against FDCR
+
+
+def discrepancies(updates: np.ndarray, fisher: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """FDCR's V_k (Eqs. 6-9b, mse), written out plainly."""
+    lo, hi = fisher.min(axis=1, keepdims=True), fisher.max(axis=1, keepdims=True)
+    importance = np.where(hi > lo, (fisher - lo) / np.where(hi > lo, hi - lo, 1), 0.0)
+    weighted = updates * importance
+    return ((alpha @ weighted - weighted) ** 2).mean(axis=1)
+
+
+@pytest.mark.parametrize("knowledge", ["omniscient", "attackers"])
+def test_the_adaptive_fisher_hides_the_attackers_discrepancy(knowledge: str) -> None:
+    rng = np.random.default_rng(3)
+    d = 300
+    benign = rng.normal(0.0, 0.01, size=d)
+    updates = benign + rng.normal(0.0, 0.004, size=(K, d))
+    updates[ATTACKERS] += rng.normal(0.0, 0.03, size=d)  # the backdoor direction, shared by the attackers
+    fisher = rng.gamma(1.0, 1.0, size=(K, d)) * (np.abs(benign) > 0.005)
+    fisher[ATTACKERS] = rng.gamma(1.0, 1.0, size=(3, d))
+    sizes = rng.integers(100, 300, size=K).astype(np.float64)
+    alpha = sizes / sizes.sum()
+    w_t = torch.zeros(d)
+    weights = updates.astype(np.float32)
+    forged = fisher.astype(np.float32)
+    collude(attack_of("badnets", "attack.fisher=adaptive", f"attack.knowledge={knowledge}"), weights, w_t, None,
+            ATTACKERS, np.ones(K, bool), seed=0, round_=0, fisher=forged, sizes=sizes)
+    np.testing.assert_array_equal(weights, updates.astype(np.float32))  # the updates are not touched
+    np.testing.assert_array_equal(forged[~ATTACKERS], fisher[~ATTACKERS].astype(np.float32))
+    honest = discrepancies(updates, fisher, alpha)
+    after = discrepancies(updates, forged.astype(np.float64), alpha)
+    assert honest[ATTACKERS].min() > np.median(honest[~ATTACKERS])  # honest Fisher: the attackers stand out
+    assert after[ATTACKERS].max() < honest[ATTACKERS].min()
+    if knowledge == "omniscient":  # hidden among the benign clients, and no single entry lowers V further
+        assert after[ATTACKERS].max() < np.median(after[~ATTACKERS])
+        k = 7
+        for v in rng.choice(d, size=20, replace=False):
+            for delta in (-0.3, 0.3):
+                tried = forged.astype(np.float64).copy()
+                tried[k, v] = np.clip(tried[k, v] + delta, 0.0, 1.0)
+                assert discrepancies(updates, tried, alpha)[k] >= after[k] - 1e-12
+
+
+def test_the_adaptive_fisher_needs_the_rows_on_the_server() -> None:
+    many = ["data.num_clients=200", "defense.name=fdcr"]
+    assert aggregation_path(load_config(None, [*many, "attack.fisher=adaptive"])) == "gather"
+    with pytest.raises(UserError, match="adaptive"):
+        load_config(None, [*many, "attack.fisher=adaptive", "defense.path=reduce"])
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -198,7 +259,9 @@ def test_colluding_attacks_take_the_gather_path() -> None:
 
 SMALL = ["data.dataset=digits", "rounds=2", "train.local_epochs=1", "fisher.max_samples=32",
          "defense.name=multi_krum"]
-LIBRARY = sorted(set(attacks.available()) - {"badnets", "dba", "none"})
+CASES = {kind: [f"attack.kind={kind}"] for kind in sorted(set(attacks.available()) - {"badnets", "dba", "none"})}
+CASES["fisher_adaptive"] = ["attack.fisher=adaptive", "defense.name=fdcr"]
+CASES["pgd"] = ["attack.pgd_radius=0.05"]
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +272,9 @@ def clean_sha(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @requires_mpi
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", LIBRARY)
+@pytest.mark.parametrize("kind", CASES)
 def test_attack_runs_two_rounds_under_mpiexec_as_in_one_process(tmp_path: Path, kind: str, clean_sha: str) -> None:
-    args = ["run", *SMALL, f"attack.kind={kind}", "--quiet"]
+    args = ["run", *SMALL, *CASES[kind], "--quiet"]
     spread = final_sha(launch([*args, "--out", str(tmp_path / "mpi")], 3, timeout=300))
     alone = final_sha(launch([*args, "--out", str(tmp_path / "one")], None, timeout=300))
     assert spread == alone, f"{kind}: one process and mpiexec -n 3 differ"

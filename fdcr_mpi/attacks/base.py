@@ -105,6 +105,18 @@ class Attack:
         if scale != 1.0:
             weights.sub_(global_weights).mul_(scale).add_(global_weights)
 
+    @torch.no_grad()
+    def send(self, weights: torch.Tensor, global_weights: torch.Tensor) -> None:
+        """What an attacker sends, in place: its ``update`` hook, then, with ``attack.pgd_radius`` r,
+        the projection of its update onto the L2 ball of radius r around w_t (PGD's projection, applied
+        once to the sent update): w_k <- w_t + (w_k - w_t) min(1, r / ||w_k - w_t||)."""
+        self.update(weights, global_weights)
+        radius = self.config.attack.pgd_radius
+        if radius is not None:
+            norm = float(torch.linalg.vector_norm((weights - global_weights).to(torch.float64)))
+            if norm > radius:
+                weights.sub_(global_weights).mul_(radius / norm).add_(global_weights)
+
     def fisher(self, model: FlatModel, data: ClientData, generator: torch.Generator) -> torch.Tensor | None:
         """The forged Fisher vector ``attack.fisher`` asks for (``attacks.forgery``), or None."""
         return forgery.forged(self.config.attack.fisher, model, generator)

@@ -14,7 +14,7 @@ import torch
 
 from fdcr_mpi.models import FlatModel
 
-FORGERIES = ("honest", "uniform", "mimic", "noise")
+FORGERIES = ("honest", "uniform", "mimic", "noise", "adaptive")  # adaptive: attacks.adaptive_fisher
 
 
 def forged(kind: str, model: FlatModel, generator: torch.Generator) -> torch.Tensor | None:

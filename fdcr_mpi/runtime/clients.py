@@ -169,7 +169,7 @@ class ClientRunner:
         if self.blocks.fisher is not None:
             self.device.to_host(self.blocks.fisher[row], self.reported_fisher(model, self.data[k], attacker, generator))
         if attacker:
-            self.attack.update(model.flat, global_weights)
+            self.attack.send(model.flat, global_weights)
         self.device.to_host(self.blocks.weights[row], model.flat)
 
     def record(self, row: int, k: int, round_: int, outcome: Outcome) -> None:

@@ -164,7 +164,7 @@ def combine(ctx: RunContext, plan: RoundPlan, own: SendBlocks, w_t: torch.Tensor
         healthy = recv.meta[:, FINITE] > 0
         if ctx.attack is not None:  # colluding attackers craft their rows before the defense sees any
             collude(ctx.attack, recv.weights, w_t, ctx.trainable, ctx.exp.malicious[plan.selected], healthy,
-                    ctx.config.seed, t)
+                    ctx.config.seed, t, fisher=recv.fisher, sizes=recv.meta[:, SIZE])
         return defend(ctx.defense, round_inputs(ctx, recv, w_t, plan, t), healthy), recv.meta
     laps("gather")  # the reduce path's reductions are the defense's communication ("defend")
     meta = np.empty((m, len(META)), dtype=np.float64)
