@@ -30,7 +30,8 @@ DESCRIPTION = ("Fashion-MNIST (real files, the whole 54,000-image client pool) o
                "test on 2,000 images; A / R / **V** = mean of the last 5 rounds, seed 0, one run each. "
                "`none`: a clean run (A only). scale3: model replacement, attackers send w_t + 3 (w_k - w_t). "
                "fisher_uniform / fisher_mimic: attackers report a constant Fisher vector / the Fisher of their "
-               "clean samples; run only against defenses that read Fisher vectors (for the others the result "
+               "clean samples; fisher_adaptive: the Fisher vector that minimises the attacker's FDCR "
+               "discrepancy (attacks.adaptive_fisher, omniscient); run only against defenses that read Fisher vectors (for the others the result "
                "is the badnets one). `solid` (the full 2x6 block instead of the paper's pattern) was run for "
                "fedavg and fdcr only, to save time. The untargeted attacks (lie, min_max, min_sum, ipm, "
                "sign_flip, gaussian, label_flip) aim at A, not at the backdoor: read their A (R stays high "
@@ -44,6 +45,7 @@ ATTACKS: dict[str, list[str]] = {
     "scale3": ["attack.scale=3"],
     "fisher_uniform": ["attack.fisher=uniform"],
     "fisher_mimic": ["attack.fisher=mimic"],
+    "fisher_adaptive": ["attack.fisher=adaptive"],
     "scaling": ["attack.kind=scaling"],
     "lie": ["attack.kind=lie"],
     "min_max": ["attack.kind=min_max"],
@@ -53,10 +55,10 @@ ATTACKS: dict[str, list[str]] = {
     "gaussian": ["attack.kind=gaussian"],
     "label_flip": ["attack.kind=label_flip"],
 }
-FISHER_ONLY = {"fisher_uniform", "fisher_mimic"}  # forged Fisher vectors matter only to defenses that read them
+FISHER_ONLY = {"fisher_uniform", "fisher_mimic", "fisher_adaptive"}  # forged Fisher vectors matter only to defenses that read them
 CLEAN_ONLY = {"fedavg", "fdcr"}  # clean runs (attack none), for the accuracy a defense costs
 SOLID_ONLY = {"fedavg", "fdcr"}  # the solid trigger differs from badnets by its pixels only (time)
-RUN_ORDER = ["badnets", "scale3", "fisher_uniform", "fisher_mimic", "none", "dba", "solid", "lie", "min_max",
+RUN_ORDER = ["badnets", "fisher_adaptive", "scale3", "fisher_uniform", "fisher_mimic", "none", "dba", "solid", "lie", "min_max",
              "ipm", "sign_flip", "label_flip", "min_sum", "gaussian", "scaling"]
 
 
