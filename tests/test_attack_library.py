@@ -19,7 +19,7 @@ from fdcr_mpi.config import aggregation_path, config_hash, load_config
 from fdcr_mpi.data.datasets import SPECS
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.seeding import COLLUDE, derive_seed
-from tests.test_mpi import final_sha, launch, requires_mpi
+from tests.test_mpi import final_sha, in_process_sha, launch, requires_mpi
 
 K, P, BUFFERS = 10, 40, 3
 ATTACKERS = np.array([False] * 7 + [True] * 3)
@@ -264,18 +264,18 @@ CASES["fisher_adaptive"] = ["attack.fisher=adaptive", "defense.name=fdcr"]
 CASES["pgd"] = ["attack.pgd_radius=0.05"]
 
 
-@pytest.fixture(scope="module")
-def clean_sha(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("clean")
-    return final_sha(launch(["run", *SMALL, "attack.kind=none", "--quiet", "--out", str(out)], None, timeout=300))
+@pytest.fixture
+def clean_sha(tmp_path: Path, capsys: pytest.CaptureFixture) -> str:
+    return in_process_sha(["run", *SMALL, "attack.kind=none", "--quiet", "--out", str(tmp_path / "clean")], capsys)
 
 
 @requires_mpi
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", CASES)
-def test_attack_runs_two_rounds_under_mpiexec_as_in_one_process(tmp_path: Path, kind: str, clean_sha: str) -> None:
+def test_attack_runs_two_rounds_under_mpiexec_as_in_one_process(tmp_path: Path, kind: str, clean_sha: str,
+                                                                capsys: pytest.CaptureFixture) -> None:
     args = ["run", *SMALL, *CASES[kind], "--quiet"]
     spread = final_sha(launch([*args, "--out", str(tmp_path / "mpi")], 3, timeout=300))
-    alone = final_sha(launch([*args, "--out", str(tmp_path / "one")], None, timeout=300))
+    alone = in_process_sha([*args, "--out", str(tmp_path / "one")], capsys)
     assert spread == alone, f"{kind}: one process and mpiexec -n 3 differ"
     assert alone != clean_sha, f"{kind} changed nothing"

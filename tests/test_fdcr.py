@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from fdcr_mpi.defenses import RoundInputs, aggregate, create
-from fdcr_mpi.defenses import clustering as clustering_module
 from fdcr_mpi.defenses.clustering import cluster_labels, largest_mean_cluster
 from fdcr_mpi.defenses.fdcr import importance, rescale_factor
 from fdcr_mpi.errors import UserError
@@ -333,16 +332,18 @@ def test_finch_separates_two_groups():
 
 def test_finch_uses_euclidean_distance(monkeypatch):
     # with the library default (cosine) every positive 1-D point is the same direction
-    c, _, _ = clustering_module.FINCH(data=TWO_GROUPS.reshape(-1, 1), distance="cosine", verbose=False)
+    import finch  # clustering imports FINCH when it clusters (not at import: it costs a second)
+
+    c, _, _ = finch.FINCH(data=TWO_GROUPS.reshape(-1, 1), distance="cosine", verbose=False)
     assert len(set(c[:, 0])) == 1
     seen = {}
-    real = clustering_module.FINCH
+    real = finch.FINCH
 
     def spy(**kwargs):
         seen.update(kwargs)
         return real(**kwargs)
 
-    monkeypatch.setattr(clustering_module, "FINCH", spy)
+    monkeypatch.setattr(finch, "FINCH", spy)
     assert len(set(cluster_labels(TWO_GROUPS, "finch"))) == 2
     assert seen["distance"] == "euclidean" and seen["data"].shape == (5, 1)
 

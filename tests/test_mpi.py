@@ -56,6 +56,20 @@ def wait_for_text(path: Path, seconds: float) -> str:
     return path.read_text() if path.exists() else ""
 
 
+def in_process_sha(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    """``fdcr-mpi ARGS`` run in this process (one process, no launcher): its final model's sha.
+    The other side of a launch-invariance check, without a second interpreter's start-up."""
+    from fdcr_mpi.cli import main
+
+    capsys.readouterr()
+    code = main([*args, "--transport", "local"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    found = re.findall(r"final model sha256: ([0-9a-f]{64})", out)
+    assert len(found) == 1, out
+    return found[0]
+
+
 def final_sha(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stdout + result.stderr
     found = re.findall(r"final model sha256: ([0-9a-f]{64})", result.stdout)

@@ -338,12 +338,19 @@ def _validate(split: RawSplit, spec: DatasetSpec, title: str) -> None:
 
 
 def _load_digits() -> tuple[RawSplit, RawSplit]:
-    """scikit-learn's bundled 8x8 digits, scaled to 0..255, split 1437/360 by a fixed permutation."""
-    from sklearn.datasets import load_digits
+    """scikit-learn's bundled 8x8 digits, scaled to 0..255, split 1437/360 by a fixed permutation.
 
-    bunch = load_digits()
-    x = np.rint(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0)).astype(np.uint8)
-    y = np.asarray(bunch.target, dtype=np.int64)
+    Read from the file scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``: 64 pixel
+    values 0..16 and the label per row), as ``load_digits`` reads it, without importing scikit-learn
+    (a second of every process's start)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise UserError("the built-in digits data set comes with scikit-learn, which is not installed")
+    rows = np.loadtxt(Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz", delimiter=",")
+    x = np.rint(rows[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
+    y = rows[:, -1].astype(np.int64)
     perm = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(y))
     n_test = 360
     train, test = perm[n_test:], perm[:n_test]

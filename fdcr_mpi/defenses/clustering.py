@@ -15,13 +15,6 @@ import warnings
 from typing import Literal
 
 import numpy as np
-from sklearn.cluster import DBSCAN, KMeans
-
-with warnings.catch_warnings():
-    # finch-clust warns at import time when the optional pynndescent is missing; it is only
-    # used for more than 20,000 points (ann_threshold), never for K clients.
-    warnings.filterwarnings("ignore", message="pynndescent is not installed", category=UserWarning)
-    from finch import FINCH
 
 ClusteringMethod = Literal["finch", "kmeans", "dbscan"]
 
@@ -40,6 +33,11 @@ def _canonical(labels: np.ndarray) -> np.ndarray:
 
 def _finch(values: np.ndarray, partition_level: int) -> np.ndarray:
     """FINCH, euclidean distance (the library default, cosine, merges every 1-D point)."""
+    with warnings.catch_warnings():  # imported here: finch and scikit-learn cost every process a second
+        # finch-clust warns at import time when the optional pynndescent is missing; it is only
+        # used for more than 20,000 points (ann_threshold), never for K clients.
+        warnings.filterwarnings("ignore", message="pynndescent is not installed", category=UserWarning)
+        from finch import FINCH
     c, _num_clust, _req_c = FINCH(
         data=values.reshape(-1, 1).astype(np.float64),
         distance="euclidean",
@@ -53,12 +51,16 @@ def _kmeans(values: np.ndarray) -> np.ndarray:
     """k-means with two clusters; fewer than two distinct values is one cluster."""
     if np.unique(values).size < 2:
         return np.zeros(values.size, dtype=np.int64)
+    from sklearn.cluster import KMeans
+
     km = KMeans(n_clusters=2, n_init=10, random_state=0)
     return np.asarray(km.fit(values.reshape(-1, 1)).labels_)
 
 
 def _dbscan(values: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
     """DBSCAN on values / max|values|; each noise point (-1) becomes its own cluster."""
+    from sklearn.cluster import DBSCAN
+
     scale = float(np.max(np.abs(values)))
     scaled = values / scale if scale > 0 else values
     labels = np.asarray(DBSCAN(eps=eps, min_samples=min_samples).fit(scaled.reshape(-1, 1)).labels_)

@@ -55,7 +55,6 @@ import numpy as np
 import pydantic
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import HDBSCAN
 from torch import nn
 
 from fdcr_mpi.defenses._baseline import (
@@ -164,6 +163,8 @@ def hdbscan_labels(data: np.ndarray, min_cluster_size: int, min_samples: int | N
         return np.zeros(n, dtype=np.int64)
     size = max(2, min(min_cluster_size, n))
     samples = min(size if min_samples is None else min_samples, n)
+    from sklearn.cluster import HDBSCAN  # here: importing scikit-learn costs every process a second
+
     estimator = HDBSCAN(min_cluster_size=size, min_samples=samples, allow_single_cluster=True,
                         metric="precomputed" if precomputed else "euclidean", copy=True)
     return estimator.fit_predict(np.ascontiguousarray(data, dtype=np.float64)).astype(np.int64)

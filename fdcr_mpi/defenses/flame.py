@@ -39,7 +39,6 @@ from typing import Literal
 import numpy as np
 import pydantic
 import torch
-from sklearn.cluster import HDBSCAN
 
 from fdcr_mpi.defenses._baseline import (
     clip_factors,
@@ -85,6 +84,8 @@ def majority_cluster(distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = distances.shape[0]
     if n < 2:
         return np.ones(n, dtype=bool), np.zeros(n, dtype=np.int64)
+    from sklearn.cluster import HDBSCAN  # here: importing scikit-learn costs every process a second
+
     labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, allow_single_cluster=True,
                      metric="precomputed", copy=True).fit(distances).labels_.astype(np.int64)
     clusters = [c for c in np.unique(labels) if c >= 0]

@@ -65,9 +65,6 @@ from typing import Any
 import numpy as np
 import pydantic
 import torch
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
-from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
 from fdcr_mpi.defenses._baseline import (
     alpha_numpy,
@@ -146,10 +143,14 @@ def l1_normalized(d: np.ndarray) -> np.ndarray:
     return d / total if total > 0 else np.zeros_like(d)
 
 
-def kmeans_fit(x: np.ndarray, k: int, rng: np.random.Generator) -> KMeans:
+def kmeans_fit(x: np.ndarray, k: int, rng: np.random.Generator) -> Any:
     """scikit-learn k-means on 1-D data, random_state drawn from ``rng``, on one thread (the
     result then does not depend on the machine's thread count, and a tiny fit does not pay for
-    a thread pool)."""
+    a thread pool). scikit-learn is imported here: at the top it would cost every process a second."""
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         return KMeans(n_clusters=k, n_init=KMEANS_INITS, random_state=int(rng.integers(2**31 - 1))).fit(

@@ -46,8 +46,6 @@ import warnings
 
 import numpy as np
 import pydantic
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
 from fdcr_mpi.defenses._baseline import (
     alpha_numpy,
@@ -97,6 +95,9 @@ def minmax_scale(points: np.ndarray) -> np.ndarray:
 
 def kmeans(points: np.ndarray, k: int, random_state: int) -> tuple[np.ndarray, np.ndarray]:
     """k-means++ with 10 initialisations: (labels, centres)."""
+    from sklearn.cluster import KMeans  # here: importing scikit-learn costs every process a second
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         km = KMeans(n_clusters=k, init="k-means++", n_init=KMEANS_INITS, random_state=random_state).fit(points)

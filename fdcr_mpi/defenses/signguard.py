@@ -36,7 +36,6 @@ from __future__ import annotations
 import numpy as np
 import pydantic
 import torch
-from sklearn.cluster import MeanShift, estimate_bandwidth
 
 from fdcr_mpi.defenses._baseline import (
     CHUNK,
@@ -88,6 +87,9 @@ def sign_cluster(features: np.ndarray, random_state: int) -> tuple[np.ndarray, n
     """Step 3: MeanShift (estimated bandwidth, bin seeding, orphans unclustered) on the sign features;
     returns (members of the largest cluster, labels, bandwidth). A zero bandwidth or no cluster:
     everyone is kept (labels all 0)."""
+    # imported here: importing scikit-learn at the top would cost every process a second
+    from sklearn.cluster import MeanShift, estimate_bandwidth
+
     n = features.shape[0]
     bandwidth = 0.0
     if n >= 2:
