@@ -180,10 +180,10 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
             extend: bool = False) -> int:
     """Run (or resume) the experiment on every rank; returns the process exit code.
 
-    ``extend``: the run in ``out`` may hold this config with fewer rounds, and takes this one
-    (``resume --rounds``, ``runtime.extension``).
     ``config`` is the config, or a function that reads it, called on rank 0 only (the run file of
-    a resumed run is opened by rank 0 alone) and shared with the other ranks.
+    a resumed run is opened by rank 0 alone) and shared with the other ranks. ``extend``: the run
+    in ``out`` may hold this config with fewer rounds, and takes this one (``resume --rounds``,
+    ``runtime.extension``).
     """
     transport = make_transport(transport_kind)
     stop = StopFlag()
