@@ -58,12 +58,14 @@ ATTACKS: dict[str, list[str]] = {
     "sign_flip": ["attack.kind=sign_flip"],
     "gaussian": ["attack.kind=gaussian"],
     "label_flip": ["attack.kind=label_flip"],
+    "neurotoxin": ["attack.kind=neurotoxin"],
+    "fang": ["attack.kind=fang"],
 }
 FISHER_ONLY = {"fisher_uniform", "fisher_mimic", "fisher_adaptive"}  # forged Fisher vectors matter only to defenses that read them
 CLEAN_ONLY = {"fedavg", "fdcr"}  # clean runs (attack none), for the accuracy a defense costs
 SOLID_ONLY = {"fedavg", "fdcr"}  # the solid trigger differs from badnets by its pixels only (time)
 RUN_ORDER = ["badnets", "fisher_adaptive", "scale3", "fisher_uniform", "fisher_mimic", "none", "dba", "solid", "lie", "min_max",
-             "ipm", "sign_flip", "label_flip", "min_sum", "gaussian", "scaling"]
+             "ipm", "sign_flip", "label_flip", "min_sum", "gaussian", "scaling", "neurotoxin", "fang"]
 
 
 def pairs() -> list[tuple[str, str]]:
@@ -79,10 +81,10 @@ def pairs() -> list[tuple[str, str]]:
     return out
 
 
-def run_one(name: str, attack: str, root: Path, data_root: str) -> dict | None:
+def run_one(name: str, attack: str, root: Path, data_root: str, kept: set[tuple[str, str]]) -> dict | None:
     out = root / f"{name}__{attack}"
-    if collect_one(name, attack, root) is not None:
-        return None  # finished in an earlier sitting
+    if (name, attack) in kept or collect_one(name, attack, root) is not None:
+        return None  # finished in an earlier sitting (committed, or its run directory is here)
     args = [sys.executable, "-m", "fdcr_mpi", "run", *SETTING, *ATTACKS[attack], f"defense.name={name}",
             f"data.root={data_root}", "--quiet", "--out", str(out)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=3600)
@@ -131,15 +133,17 @@ def main() -> int:
     parser.add_argument("--collect", action="store_true", help="only tabulate the runs already finished")
     parser.add_argument("--only", nargs="*", help="run only these defenses (the table still lists all)")
     parser.add_argument("--attacks", nargs="*", help="run only these attacks (columns)")
+    parser.add_argument("--redo", action="store_true", help="run again the cells the committed table holds")
     args = parser.parse_args()
     todo = pairs()
     if args.only:
         todo = [p for p in todo if p[0] in args.only]
     if args.attacks:
         todo = [p for p in todo if p[1] in args.attacks]
+    kept = set() if args.redo else {(r["defense"], r["attack"]) for r in committed(args.out) if "error" not in r}
     if not args.collect:
         with ThreadPoolExecutor(args.jobs) as pool:
-            for done in pool.map(lambda p: run_one(*p, args.runs, args.data_root), todo):
+            for done in pool.map(lambda p: run_one(*p, args.runs, args.data_root, kept), todo):
                 if done is not None and "error" in done:
                     print(f"{done['defense']} x {done['attack']} failed: {done['error']}", file=sys.stderr)
                 write_tables(args.runs, args.out, complete=False)
