@@ -110,9 +110,18 @@ class TrainConfig(Section):
     weight_decay: float = pydantic.Field(1e-5, ge=0)
     batch_size: int = pydantic.Field(64, ge=1)
     drop_last: bool = True
-    batch_clients: int = pydantic.Field(1, ge=1)
+    batch_clients: int | Literal["auto"] = pydantic.Field("auto")
     """Train the clients of a rank in groups of this many ids ([jG, (j+1)G)) as one batched
-    computation (torch.func vmap); 1 trains them one after another. Groups never span ranks."""
+    computation (torch.func vmap); 1 trains them one after another. Groups never span ranks.
+    ``auto`` (the default) is resolved when the config is validated, from the config alone
+    (``auto_batch_clients``), and the run file stores the number."""
+
+    @pydantic.field_validator("batch_clients")
+    @classmethod
+    def _at_least_one(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (or auto)")
+        return value
 
 
 class FisherConfig(Section):
@@ -206,6 +215,23 @@ class RuntimeConfig(Section):
     fault: FaultConfig = FaultConfig()
 
 
+AUTO_GROUP = 5
+"""``train.batch_clients: auto`` for a model without BatchNorm: five clients per batched group.
+A client's batched arithmetic equals its one-by-one arithmetic only to float rounding, and differs
+with the group it trains in, so the group size is a function of the config alone: it cannot follow
+the clients per rank without making results depend on the launch. Five keeps two groups of the
+paper's ten clients, one per core of a two-core machine or per client rank of ``mpiexec -n 3``, and
+the stacked weights and momenta of five models are small beside the activations of a step (which
+``client.batched.CHUNK`` bounds). The launch line says when groups leave workers idle
+(``runtime.driver.placement_line``)."""
+
+
+def auto_batch_clients(model_name: str) -> int:
+    """``train.batch_clients: auto`` resolved: 1 for a model with BatchNorm (its batch statistics
+    cannot be vmapped per client), else ``AUTO_GROUP``."""
+    return 1 if model_name == "resnet18" else AUTO_GROUP
+
+
 class BaseConfig(Section):
     plugins: list[str] = []
     """Modules (or .py files) of the user's own defenses and attacks, imported first (fdcr_mpi.plugins)."""
@@ -222,6 +248,13 @@ class BaseConfig(Section):
     defense: DefenseConfig = DefenseConfig()
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @pydantic.model_validator(mode="after")
+    def _resolve_batch_clients(self) -> BaseConfig:
+        """``train.batch_clients: auto`` becomes its number, so the config hash and the run file hold it."""
+        if self.train.batch_clients == "auto":
+            self.train = self.train.model_copy(update={"batch_clients": auto_batch_clients(self.model.name)})
+        return self
 
 
 def _schema() -> type[BaseConfig]:

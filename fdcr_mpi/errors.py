@@ -33,6 +33,11 @@ def describe_validation_error(exc: Exception, prefix: str = "", schema: type | N
     """
     errors = exc.errors()  # type: ignore[attr-defined]
     first = errors[0]
+    union = union_members(errors)
+    if union is not None:  # a key that takes one of several types (a number or 'auto'): one sentence for all
+        loc = ".".join(str(p) for p in (prefix, *first["loc"][:-1]) if p != "")
+        wanted = " or ".join(e["msg"].split(",")[0].removeprefix("Input should be ") for e in union)
+        return f"config key '{loc}' has the invalid value {first.get('input')!r}: it should be {wanted}"
     parts = [str(p) for p in (prefix, *first.get("loc", ())) if p != ""]
     loc = ".".join(parts)
     kind = first.get("type", "")
@@ -49,6 +54,18 @@ def describe_validation_error(exc: Exception, prefix: str = "", schema: type | N
         return f"config key '{loc}' has the invalid value {value!r}; choose one of: {expected}"
     msg = first.get("msg", "invalid value")
     return f"config key '{loc}' has the invalid value {value!r}: {msg[0].lower() + msg[1:]}"
+
+
+def union_members(errors: list[dict]) -> list[dict] | None:
+    """The errors of one key whose type is a union (pydantic tags each member's error with the
+    member as a last location part: ``int``, ``literal['auto']``), or None when they are not that."""
+    locs = [tuple(e.get("loc", ())) for e in errors]
+    if len(errors) < 2 or any(len(loc) < 2 or loc[:-1] != locs[0][:-1] for loc in locs):
+        return None
+    def is_member(part: object) -> bool:
+        return part in ("int", "float", "str", "bool") or (isinstance(part, str) and not part.isidentifier())
+
+    return errors if all(is_member(loc[-1]) for loc in locs) else None
 
 
 def closest_key(schema: type, path: list[str]) -> str | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fdcr_mpi.config import config_hash, from_yaml, load_config, to_yaml
+from fdcr_mpi.config import AUTO_GROUP, config_hash, from_yaml, load_config, to_yaml
 from fdcr_mpi.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,9 @@ def test_every_shipped_config_validates(path: Path) -> None:
 
 
 # config_hash of these configs before the variant and released options existed (commit a6c3979):
-# left at their defaults, the new keys must not change them, or older runs could not resume.
+# left at their defaults, the new keys must not change them, or older runs could not resume. Those
+# runs trained one client at a time, as their stored configs say (train.batch_clients: 1; the default
+# is now auto, which resolves to 5 and is another config).
 HASHES_BEFORE_VARIANTS = {
     (): "11c44c99de688b9f",
     ("defense.name=fedavg",): "f6ac5e9cb35ad2d2",
@@ -94,7 +96,19 @@ HASHES_BEFORE_VARIANTS = {
 
 @pytest.mark.parametrize("overrides", list(HASHES_BEFORE_VARIANTS))
 def test_new_options_at_their_defaults_keep_older_runs_hashes(overrides: tuple[str, ...]) -> None:
-    assert config_hash(load_config(None, list(overrides))) == HASHES_BEFORE_VARIANTS[overrides]
+    assert config_hash(load_config(None, [*overrides, "train.batch_clients=1"])) == HASHES_BEFORE_VARIANTS[overrides]
+
+
+def test_batch_clients_auto_is_resolved_from_the_config_into_the_stored_number() -> None:
+    assert load_config(None).train.batch_clients == AUTO_GROUP == 5
+    assert load_config(None, ["model.name=resnet18"]).train.batch_clients == 1  # BatchNorm: one by one
+    assert load_config(None, ["train.batch_clients=auto"]).model_dump() == load_config(None).model_dump()
+    assert config_hash(load_config(None)) == config_hash(load_config(None, ["train.batch_clients=5"]))
+    assert config_hash(load_config(None)) != config_hash(load_config(None, ["train.batch_clients=1"]))
+    assert "batch_clients: 5" in to_yaml(load_config(None))  # the run file stores the number
+    for bad, said in (("0", "at least 1"), ("many", "a valid integer or 'auto'"), ("2.5", "a valid integer or 'auto'")):
+        with pytest.raises(UserError, match=said):
+            load_config(None, [f"train.batch_clients={bad}"])
 
 
 @pytest.mark.parametrize("override", ["fdcr.variant=released", "attack.poisoning=bernoulli",

@@ -68,6 +68,18 @@ def placement_line(identities: list[str], num_clients: int, group: int = 1) -> s
     return " ".join(parts)
 
 
+def idle_note(num_clients: int, group: int, ranks: int, workers: int) -> str | None:
+    """A note when the batched groups (``train.batch_clients``) are fewer than the client ranks (under
+    MPI) or the worker threads (one process): some of them then have nothing to train. None otherwise."""
+    groups = -(-num_clients // group)
+    units, what = (ranks - 1, "client ranks") if ranks > 1 else (workers, "worker threads")
+    if group == 1 or groups >= units:
+        return None
+    return (f"note: the {num_clients} clients train in {groups} batched group{'s' * (groups > 1)} of up to {group} "
+            f"(train.batch_clients={group}), so {units - groups} of the {units} {what} have no client; "
+            "train.batch_clients=1 trains them one by one (another config: results differ by float rounding)")
+
+
 def make_run_dir(out: Path) -> None:
     """Create the run directory, or one sentence saying why it cannot be."""
     try:
@@ -266,6 +278,9 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
             if transport.size > 1:
                 print("clients by rank: " + placement_line(identities, config.data.num_clients,
                                                              config.train.batch_clients), flush=True)
+            note = idle_note(config.data.num_clients, config.train.batch_clients, transport.size, launch.workers)
+            if note:
+                print(note, flush=True)
         recorder.stop = stop
         weights = run_rounds(ctx, start, weights, stop, recorder.record)
         rounds_done = recorder.run_file.rounds_done()
