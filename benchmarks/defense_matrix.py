@@ -24,7 +24,7 @@ from fdcr_mpi.defenses import available
 from fdcr_mpi.store import read_rounds, read_summary
 
 SETTING = ["data.dataset=fmnist", "data.beta=0.5", "attack.malicious_ratio=0.3", "rounds=12",
-           "train.local_epochs=2", "eval.test_samples=2000", "runtime.threads=1"]
+           "train.local_epochs=2", "eval.test_samples=2000", "runtime.threads=1", "train.batch_clients=1"]
 DESCRIPTION = ("Fashion-MNIST (real files, the whole 54,000-image client pool) over 10 clients (Dirichlet beta 0.5), "
                "30% attackers (clients 7-9), SimpleCNN, 12 rounds of 2 local epochs (the paper runs 50 of 10), "
                "test on 2,000 images; A / R / **V** = mean of the last 5 rounds, seed 0, one run each. "

@@ -59,7 +59,9 @@ FULL = Plan("full", LocalSizes(samples=5400, throughput_epochs=1, repeats=9, fis
             paper_threads=(1, 2), paper_timeout=1800, paper_mpi=True,
             scale=ScaleSizes(train_samples=20000, rounds=3, timeout=900,
                              runs=(ScaleRun(10, None, "auto"), ScaleRun(100, None, "auto"), ScaleRun(100, None, "gather"),
-                                   ScaleRun(1000, 100, "auto"))))
+                                   ScaleRun(1000, 100, "auto"),
+                                   ScaleRun(10000, 100, "auto", ("data.train_samples=null", "data.min_client_size=4",
+                                                                  "train.batch_size=4")))))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,13 +1,15 @@
-"""Scale in K: server memory and round overhead for K = 10, 100 and 1000 clients (issue #7).
+"""Scale in K: server memory and round overhead for K = 10, 100, 1000 and 10,000 clients (issues #7, 18).
 
 fdcr on a model of about 1M parameters (``cnn_1m``) under ``mpiexec -n 3``, one thread per
 rank, the same training data in every run (a Fashion-MNIST subset split IID, so K = 1000 still
 gives every client samples), one local epoch of batches of 16, the Fisher on 16 samples per
 client. K = 10 takes the gather path (the default below ``REDUCE_FROM`` participants), K = 100
 the reduce path, and again the gather path to show what that costs the server; K = 1000 runs
-with 100 clients per round (partial participation) on the reduce path.
+with 100 clients per round (partial participation) on the reduce path, and so does K = 10,000 (on
+the whole 54,000-image pool, about 5 samples a client, batches of 4: ``ScaleRun.extra``).
 
-Figures: the server's (rank 0) peak resident memory, its ratio K=1000 / K=10 (target <= 2), the
+Figures: the server's (rank 0) peak resident memory, its ratios K=1000 / K=10 and K=10,000 / K=10
+(target <= 2 each), the
 round overhead (round seconds less the busiest rank's training seconds) per run, and how it
 grows: the exponent b of overhead ~ K^b from K = 10 to K = 100, every client taking part
 (target <= 1: no faster than linear).
@@ -28,6 +30,7 @@ class ScaleRun:
     clients: int
     per_round: int | None
     path: str
+    extra: tuple[str, ...] = ()  # overrides of this run only (later items win)
 
     @property
     def key(self) -> str:
@@ -61,6 +64,7 @@ def run_scale(sizes: ScaleSizes, root: Path | None, scratch: Path) -> tuple[list
         say(f"scale: {run.label}")
         items = [*base, f"data.num_clients={run.clients}", f"defense.path={run.path}"]
         items += [f"clients_per_round={run.per_round}"] if run.per_round else []
+        items += list(run.extra)
         details["runs"][run.key] = cli_run(items, launch, scratch / f"scale_{run.key}", sizes.timeout)
         details["runs"][run.key]["label"] = run.label
     return scale_figures(sizes, details["runs"]), details
@@ -91,14 +95,17 @@ def scale_figures(sizes: ScaleSizes, runs: dict[str, dict]) -> list[Figure]:
     full = sorted((r for r in sizes.runs if r.per_round is None and runs.get(r.key, {}).get("ok")),
                   key=lambda r: r.clients)
     low = full[0] if full else None
-    high = max((r for r in sizes.runs if r.path != "gather" and runs.get(r.key, {}).get("ok")),
-               key=lambda r: r.clients, default=None)
-    memory = None
-    if low is not None and high is not None and high.clients > low.clients:
-        memory = runs[high.key]["peak_rss_mib"][0] / runs[low.key]["peak_rss_mib"][0]
-    figures.append(Figure("k1000_server_memory_ratio",
-                          f"Server peak memory, {high.label if high else '?'} / {low.label if low else '?'}",
-                          memory, "x", "<=", 2.0, threads="1/rank", notes=setting))
+    for target in (1000, 10000):
+        high = next((r for r in sizes.runs if r.clients == target and r.path != "gather"
+                     and runs.get(r.key, {}).get("ok")), None)
+        memory = None
+        if low is not None and high is not None:
+            memory = runs[high.key]["peak_rss_mib"][0] / runs[low.key]["peak_rss_mib"][0]
+        if high is not None or target == 1000:
+            figures.append(Figure(f"k{target}_server_memory_ratio",
+                                  f"Server peak memory, {high.label if high else f'K={target}'} / "
+                                  f"{low.label if low else '?'}", memory, "x", "<=", 2.0, threads="1/rank",
+                                  notes=setting + ("; K=10,000: the whole pool, batches of 4" if target == 10000 else "")))
     growth, span = None, "no two full-participation runs"
     pair = [r for r in full if r.path != "gather" or r is low]
     if len(pair) >= 2:
@@ -109,3 +116,40 @@ def scale_figures(sizes: ScaleSizes, runs: dict[str, dict]) -> list[Figure]:
     figures.append(Figure("overhead_growth_in_k", f"Overhead growth exponent b (overhead ~ K^b), {span}",
                           growth, "", "<=", 1.0, threads="1/rank", notes="1 = linear in K"))
     return figures
+
+
+def main() -> None:
+    """``python -m benchmarks.scale``: the full plan's scale runs alone, into scale.json and scale.md."""
+    import argparse
+    import json
+    import tempfile
+
+    from benchmarks.common import REPO, shared_data_root
+    from benchmarks.run import FULL
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--clients", type=int, nargs="*", help="only the runs of these K")
+    args = parser.parse_args()
+    sizes = FULL.scale
+    if args.clients:
+        sizes = ScaleSizes(sizes.train_samples, sizes.rounds, tuple(r for r in sizes.runs if r.clients in args.clients),
+                           sizes.timeout)
+    with tempfile.TemporaryDirectory(prefix="fdcr-scale-") as scratch:
+        figures, details = run_scale(sizes, shared_data_root(), Path(scratch))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps({"figures": [f.to_dict() for f in figures], "details": details},
+                                                    indent=1) + "\n")
+    lines = ["# Scale in K (fdcr, cnn_1m, mpiexec -n 3, one thread per rank)", "",
+             "| figure | value | unit | target | pass | load | notes |", "|---|---|---|---|---|---|---|"]
+    for f in figures:
+        value = "—" if f.value is None else f"{f.value:.3g}"
+        target = f"{f.op} {f.bound}" if f.op else ""
+        lines.append(f"| {f.label} | {value} | {f.unit} | {target} | {f.passed if f.passed is not None else 'n/a'} | "
+                     f"{f.load if f.load is not None else ''} | {f.notes} |")
+    (args.out / "scale.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

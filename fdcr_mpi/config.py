@@ -460,6 +460,8 @@ def from_yaml(text: str) -> BaseConfig:
         data = yaml.safe_load(text)
     except (yaml.YAMLError, RecursionError) as exc:
         raise UserError(f"the config text is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(data, dict) and isinstance(data.get("train"), dict):
+        data["train"].setdefault("batch_clients", 1)  # written before the key existed: one by one, as then
     return validate(data)
 
 

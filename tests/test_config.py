@@ -129,3 +129,22 @@ def test_every_marsfl_baseline_has_a_variant_option(name: str) -> None:
 def test_dnc_filter_fraction_can_follow_the_attack_ratio() -> None:
     config = load_config(None, ["attack.malicious_ratio=0.2", "dnc.filter_fraction=${attack.malicious_ratio}"])
     assert config.dnc.filter_fraction == 0.2
+
+
+def test_a_stored_config_without_batch_clients_trains_one_by_one_as_its_code_did() -> None:
+    text = to_yaml(load_config(None, ["train.batch_clients=1"])).replace("  batch_clients: 1\n", "")
+    assert "batch_clients" not in text
+    assert from_yaml(text).train.batch_clients == 1
+    assert config_hash(from_yaml(text)) == config_hash(load_config(None, ["train.batch_clients=1"]))
+
+
+def test_the_start_up_note_says_when_batched_groups_leave_ranks_or_workers_idle() -> None:
+    from fdcr_mpi.runtime.driver import idle_note
+
+    assert idle_note(10, 5, 3, 1) is None  # two groups, two client ranks
+    assert idle_note(10, 1, 11, 1) is None  # one by one: never
+    assert idle_note(10, 5, 1, 2) is None  # one process, two workers, two groups
+    note = idle_note(10, 5, 11, 1)
+    assert "2 batched groups" in note and "8 of the 10 client ranks have no client" in note
+    assert "6 of the 8 worker threads" in idle_note(10, 5, 1, 8)
+    assert "1 batched group of" in idle_note(4, 5, 3, 1)

@@ -281,7 +281,7 @@ def test_a_rank_killed_on_another_node_is_named_by_its_nodes_watcher(tmp_path: P
     node-a, ranks 2-3 on node-b. Rank 3 is SIGKILLed: node-b's watcher records it, rank 0's
     watcher names it (not a rank of its own node that MPI killed afterwards)."""
     out = tmp_path / "run"
-    args = ["run", *TINY, "rounds=40", "--out", str(out)]
+    args = ["run", *TINY, "rounds=40", "train.batch_clients=1", "--out", str(out)]  # every client rank hosts clients
     command = [str(MPIEXEC), "-n", "2", "-env", "FDCR_NODE_NAME", "node-a", str(FDCR), *args, ":",
                "-n", "2", "-env", "FDCR_NODE_NAME", "node-b", str(FDCR), *args]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),

@@ -1,0 +1,236 @@
+"""``python -m benchmarks.speed``: the default path against the old one, and how close a step comes
+to the machine's limit (issue "Performance").
+
+In one sitting, on the paper's Fashion-MNIST round (FDCR, 10 clients, all data, 10 local epochs,
+one round, ``configs/paper/fmnist.yaml``):
+
+- ``old``: one process, two intra-op threads, one client at a time (``runtime.threads=2
+  runtime.client_threads=2 train.batch_clients=1``): the default path before, kept selectable;
+- ``one_default``: one process, nothing set (``train.batch_clients: auto``, one thread per client,
+  as many groups at once as cores);
+- ``mpi3_default``: ``mpiexec -n 3``, nothing set.
+
+Targets: old / one_default >= 2 and old / mpi3_default >= 2.5 (round times). Each run's phases
+(training, Fisher, defense, evaluation) come from its run file.
+
+Then, in this process, where a step's time goes and how close it comes to the cores' limit:
+
+- FLOP/s of the batched training step (``client.batched.train_group``, five clients, one thread,
+  the client thread count): the model's floating-point operations per sample (forward and backward
+  of SimpleCNN on a three-channel 32x32 input, counted by ``torch.utils.flop_counter``; the batched
+  step runs the grayscale first convolution on one channel, so it does less than this count) times
+  the samples trained, over the time; against a plain 1024 x 1024 float32 matmul on one thread;
+- the same for the one-by-one step (``client.train_client``);
+- the operators that take the batched step's time (``torch.profiler``, self CPU time).
+
+Writes ``speed.json`` and ``speed.md`` into ``--out``. The box's load is recorded with each figure:
+compare ratios from one sitting on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import MPIEXEC, REPO, clean_env, load1, median, say, shared_data_root
+from benchmarks.local import client_data
+from fdcr_mpi.client import TrainSettings, train_client
+from fdcr_mpi.client.batched import train_group
+from fdcr_mpi.models import SimpleCNN, build_model
+
+LAUNCHES = {
+    "old": (None, ["runtime.threads=2", "runtime.client_threads=2", "train.batch_clients=1"]),
+    "one_default": (None, []),
+    "mpi3_default": (3, []),
+}
+TARGETS = {"one_default": 2.0, "mpi3_default": 2.5}  # old round time / this launch's, at least
+GROUP = 5  # clients per batched group in the step measurements (train.batch_clients: auto)
+
+
+def round_run(ranks: int | None, extra: list[str], root: Path, epochs: int, out: Path, timeout: float) -> dict:
+    """One paper round under the launch; its phases from the run file."""
+    items = ["run", "configs/paper/fmnist.yaml", "rounds=1", f"data.root={root}", f"train.local_epochs={epochs}",
+             *extra, "--out", str(out), "--restart", "--quiet"]
+    program = [sys.executable, "-m", "fdcr_mpi", *items]
+    command = program if ranks is None else [str(MPIEXEC), "-n", str(ranks), *program]
+    load = load1()
+    env = clean_env(2)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(key)  # the launch's own thread setting decides
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        return {"ok": False, "error": done.stderr[-1500:], "load": load}
+    with h5py.File(out / "run.h5", "r") as f:
+        seconds = {name.removeprefix("seconds_"): float(f[f"rounds/{name}"][0]) for name in f["rounds"]
+                   if name.startswith("seconds_")}
+    return {"ok": True, "round": seconds["round"], "phases": seconds, "wall": round(wall, 1), "load": load,
+            "load_end": load1()}
+
+
+def flops_per_sample() -> float:
+    """Forward and backward floating-point operations of SimpleCNN per 3x32x32 sample (batch of 64)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x = SimpleCNN(), torch.randn(64, 3, 32, 32)
+    y = torch.randint(0, 10, (64,))
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() / 64
+
+
+def matmul_flops(threads: int, n: int = 1024, repeats: int = 7) -> float:
+    """FLOP/s of an n x n float32 matmul on ``threads`` threads (the median of ``repeats``)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / median(times)
+
+
+def step_flops(root: Path | None, samples: int, epochs: int, repeats: int) -> dict:
+    """Achieved FLOP/s of the batched and the one-by-one training, one thread, real Fashion-MNIST
+    images (augmentation and triggers as in a run), against a matmul on one thread."""
+    torch.set_num_threads(1)
+    data, spec, source = client_data(samples, root)
+    settings = replace(TrainSettings(), local_epochs=epochs)
+    per_sample = flops_per_sample()
+    trained = samples // settings.batch_size * settings.batch_size * epochs
+    model = build_model("simple_cnn", 0)
+    start = model.flat.clone()
+
+    def batched() -> float:
+        gens = [torch.Generator().manual_seed(k) for k in range(GROUP)]
+        t = time.perf_counter()
+        train_group(model, start, [data] * GROUP, spec, settings, gens)
+        return time.perf_counter() - t
+
+    def single() -> float:
+        model.load(start)
+        t = time.perf_counter()
+        train_client(model, data, spec, settings, torch.Generator().manual_seed(0))
+        return time.perf_counter() - t
+
+    batched(), single()  # warm-up
+    t_batched = median([batched() for _ in range(repeats)])
+    t_single = median([single() for _ in range(repeats)])
+    matmul = matmul_flops(1)
+    out = {"source": source, "flops_per_sample": per_sample, "samples_per_client": trained, "matmul_1thread": matmul,
+           "batched": {"seconds": t_batched, "samples_per_s": GROUP * trained / t_batched,
+                       "flops": GROUP * trained * per_sample / t_batched},
+           "single": {"seconds": t_single, "samples_per_s": trained / t_single,
+                      "flops": trained * per_sample / t_single}}
+    for key in ("batched", "single"):
+        out[key]["of_matmul"] = out[key]["flops"] / matmul
+    out["matmul_2threads"] = matmul_flops(2)
+    torch.set_num_threads(1)
+    return out
+
+
+def step_profile(root: Path | None, samples: int, top: int = 12) -> list[dict]:
+    """The operators of one epoch of a batched group of five, by self CPU time (one thread)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    data, spec, _ = client_data(samples, root)
+    settings = replace(TrainSettings(), local_epochs=1)
+    model = build_model("simple_cnn", 0)
+    start = model.flat.clone()
+    gens = [torch.Generator().manual_seed(k) for k in range(GROUP)]
+    train_group(model, start, [data] * GROUP, spec, settings, gens)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_group(model, start, [data] * GROUP, spec, settings, gens)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in events[:top]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--samples", type=int, default=5400, help="one client's size in the step measurements")
+    parser.add_argument("--skip-rounds", action="store_true", help="only the in-process step measurements")
+    args = parser.parse_args()
+    root = shared_data_root()
+    if root is None and not args.skip_rounds:
+        raise SystemExit("benchmarks.speed needs the Fashion-MNIST files (../shared/data or $FDCR_SHARED_DATA)")
+    runs = {}
+    if not args.skip_rounds:
+        with tempfile.TemporaryDirectory(prefix="fdcr-speed-") as tmp:
+            for key, (ranks, extra) in LAUNCHES.items():
+                say(f"speed: {key}")
+                runs[key] = round_run(ranks, extra, root, args.epochs, Path(tmp) / key, args.timeout)
+                say(f"  {runs[key].get('round', 'failed')} s")
+    say("speed: step FLOP/s")
+    steps = step_flops(root, args.samples, 1, 3)
+    say("speed: step profile")
+    profile_rows = step_profile(root, args.samples)
+    ratios = {key: round(runs["old"]["round"] / runs[key]["round"], 3)
+              for key in TARGETS if runs.get("old", {}).get("ok") and runs.get(key, {}).get("ok")}
+    result = {"epochs": args.epochs, "runs": runs, "ratios": ratios, "steps": steps, "profile": profile_rows,
+              "targets": {f"old / {key} >= {bound}": ratios.get(key, 0) >= bound for key, bound in TARGETS.items()}
+              if runs else {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "speed.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    labels = {"old": "1 process, 2 threads, one client at a time (the old default path)",
+              "one_default": "1 process, default (batched groups of 5, one thread each)",
+              "mpi3_default": "mpiexec -n 3, default"}
+    lines = [f"# Paper Fashion-MNIST round ({r['epochs']} local epochs, 10 clients, FDCR): default against the "
+             "old path", ""]
+    if r["runs"]:
+        lines += ["| launch | round (s) | old / this | clients (s) | train (s, summed) | fisher (s, summed) | defend (s) | "
+                  "evaluate (s) | load at start |", "|---|---|---|---|---|---|---|---|---|"]
+        for key, run in r["runs"].items():
+            if not run["ok"]:
+                lines.append(f"| {labels[key]} | failed | | | | | | | {run['load']} |")
+                continue
+            p = run["phases"]
+            ratio = r["ratios"].get(key, "")
+            lines.append(f"| {labels[key]} | {run['round']:.1f} | {ratio} | {p.get('clients', 0):.1f} | "
+                         f"{p.get('train', 0):.1f} | {p.get('fisher', 0):.1f} | {p.get('defend', 0):.1f} | "
+                         f"{p.get('evaluate', 0):.1f} | {run['load']} |")
+        lines.append("")
+        for target, ok in r["targets"].items():
+            lines.append(f"- {target}: {'pass' if ok else 'FAIL'}")
+        lines.append("")
+    s = r["steps"]
+    lines += [f"## A training step against the machine's limit ({s['source']}, one thread)", "",
+              f"SimpleCNN: {s['flops_per_sample'] / 1e6:.2f} MFLOP per sample (forward and backward, 3x32x32). "
+              f"A 1024 x 1024 float32 matmul: {s['matmul_1thread'] / 1e9:.1f} GFLOP/s on one thread, "
+              f"{s['matmul_2threads'] / 1e9:.1f} on two.", "",
+              "| step | samples/s | GFLOP/s | of the one-thread matmul |", "|---|---|---|---|"]
+    for key, label in (("batched", f"batched group of {GROUP} (train_group)"), ("single", "one client (train_client)")):
+        lines.append(f"| {label} | {s[key]['samples_per_s']:.0f} | {s[key]['flops'] / 1e9:.2f} | "
+                     f"{100 * s[key]['of_matmul']:.1f}% |")
+    lines += ["", "## Where the batched step's time goes (one epoch of five clients, self CPU time)", "",
+              "| operator | ms | share | calls |", "|---|---|---|---|"]
+    for row in r["profile"]:
+        lines.append(f"| `{row['op']}` | {row['self_ms']:.0f} | {100 * row['share']:.1f}% | {row['calls']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
