@@ -24,7 +24,6 @@ from fdcr_mpi.data.partition import (
     proxy_indices,
     train_val_split,
 )
-from fdcr_mpi.data.poison import apply_trigger, trigger_mask
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.evaluation import Batch, EvalSets
 
@@ -79,19 +78,22 @@ def build_client(config: BaseConfig, images: np.ndarray, labels: np.ndarray, spe
 
 
 def build_eval_sets(config: BaseConfig, test: RawSplit, spec: DatasetSpec, work: list[Batch],
-                    proxy: tuple[np.ndarray, np.ndarray] | None) -> EvalSets:
+                    proxy: tuple[np.ndarray, np.ndarray] | None, attack: Attack | None = None) -> EvalSets:
     """The rows of the test set and of the triggered test set that the batches ``work`` cover,
-    the labels of the whole test set and the ``proxy`` (images, labels), if any."""
+    the labels of the whole test set and the ``proxy`` (images, labels), if any. The triggered rows
+    carry the ``attack``'s ``test_trigger`` (the run's attack when None); with a per-round trigger
+    their clean images are kept too, to carry each round's (``EvalSets.retrigger``)."""
+    attack = attacks.create(config) if attack is None else attack
     rows = test_rows(config, len(test.y))
     clean, triggered = evaluation.rows(work)
     held = TakenRows(test, [rows[clean.start:clean.stop], rows[triggered.start:triggered.stop]])
-    mask = trigger_mask(config.trigger.pattern)[: spec.channels]
+    untriggered = preprocess(held.take(rows[triggered.start:triggered.stop])[0], spec)
     sets = EvalSets(
         test_x=preprocess(held.take(rows[clean.start:clean.stop])[0], spec),
         test_y=torch.as_tensor(test.y[rows], dtype=torch.int64),
-        backdoor_incl_x=apply_trigger(preprocess(held.take(rows[triggered.start:triggered.stop])[0], spec), mask,
-                                      config.trigger.value),
-        target=config.attack.target_label, clean=clean, triggered=triggered)
+        backdoor_incl_x=attack.test_trigger(spec).apply(untriggered),
+        target=config.attack.target_label, clean=clean, triggered=triggered,
+        backdoor_clean_x=untriggered if attack.per_round_trigger else None)
     if proxy is not None:
         sets.proxy_x = preprocess(proxy[0], spec)
         sets.proxy_y = torch.as_tensor(proxy[1], dtype=torch.int64)
@@ -149,5 +151,5 @@ def build_experiment(config: BaseConfig, client_ids: list[int], *, eval_share: t
         exp.eval_work = evaluation.share(evaluation.batches(size, config.eval.batch_size), *eval_share) \
             if eval_share is not None else []
         exp.eval_sets = build_eval_sets(config, test, spec, exp.eval_work,
-                                        held.take(proxy) if proxy is not None else None).to(device)
+                                        held.take(proxy) if proxy is not None else None, attack).to(device)
     return exp
