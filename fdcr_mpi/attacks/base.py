@@ -113,6 +113,10 @@ class Attack:
         Every rank then puts it in the attackers' ``test_trigger`` (``Trigger.with_pattern``)."""
         raise NotImplementedError  # pragma: no cover - only attacks with per_round_trigger = True
 
+    def trigger_rows(self, rows: np.ndarray) -> np.ndarray:
+        """(``per_round_trigger``) Which of the lowest-id attacker's training ``rows`` the server holds: all."""
+        return rows
+
     @torch.no_grad()
     def update(self, weights: torch.Tensor, global_weights: torch.Tensor) -> None:
         """Model replacement (``attack.scale`` s): w_k <- w_t + s (w_k - w_t), in place."""

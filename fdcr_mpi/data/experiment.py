@@ -39,6 +39,7 @@ class Experiment:
     clients: dict[int, ClientData] = field(default_factory=dict)
     eval_sets: EvalSets | None = None
     eval_work: list[Batch] = field(default_factory=list)  # the evaluation batches this rank counts
+    trigger_data: ClientData | None = None  # the server's: clean data of the lowest-id attacker (per-round trigger)
 
     @property
     def num_clients(self) -> int:
@@ -100,6 +101,14 @@ def build_eval_sets(config: BaseConfig, test: RawSplit, spec: DatasetSpec, work:
     return sets
 
 
+def trigger_rows(attack: Attack, partition: list[np.ndarray], malicious: np.ndarray) -> np.ndarray | None:
+    """The training rows the server computes a per-round trigger on (``Attack.per_round_trigger``):
+    the lowest-id attacker's (or the attack's subset of them); None without such an attack."""
+    if not attack.per_round_trigger or not malicious.any():
+        return None
+    return attack.trigger_rows(partition[int(np.flatnonzero(malicious)[0])])
+
+
 def test_rows(config: BaseConfig, size: int) -> np.ndarray:
     """The test images evaluated: all ``size``, or a seeded subset of ``eval.test_samples``."""
     rows = np.arange(size)
@@ -143,9 +152,13 @@ def build_experiment(config: BaseConfig, client_ids: list[int], *, eval_share: t
     exp = Experiment(config=config, spec=spec, partition=partition, malicious=malicious)
     proxy = proxy_indices(val_idx, seeding.numpy_rng(config.seed, seeding.PROXY), config.data.proxy_size) \
         if server and with_proxy else None
-    held = TakenRows(train, [partition[k] for k in client_ids] + ([proxy] if proxy is not None else []))
+    searched = trigger_rows(attack, partition, malicious) if server else None
+    held = TakenRows(train, [partition[k] for k in client_ids] + ([proxy] if proxy is not None else [])
+                     + ([searched] if searched is not None else []))
     for k in client_ids:
         exp.clients[k] = build_client(config, *held.take(partition[k]), spec, malicious, k, attack).to(device)
+    if searched is not None:  # on the server's CPU, clean, with the true labels
+        exp.trigger_data = build_client(config, *held.take(searched), spec, np.zeros_like(malicious), 0, attack)
     if eval_share is not None or server:
         size = len(test_rows(config, len(test.y)))
         exp.eval_work = evaluation.share(evaluation.batches(size, config.eval.batch_size), *eval_share) \
