@@ -18,6 +18,7 @@ import torch
 
 from fdcr_mpi import metrics
 from fdcr_mpi.data.datasets import model_input
+from fdcr_mpi.data.poison import Trigger
 from fdcr_mpi.models import FlatModel
 
 COUNTS = 3  # correct test predictions, ASR hits (true label not the target), ASR hits (all)
@@ -64,6 +65,7 @@ class EvalSets:
     triggered: Span = Span()
     proxy_x: torch.Tensor | None = None
     proxy_y: torch.Tensor | None = None
+    backdoor_clean_x: torch.Tensor | None = None  # rows ``triggered`` without a trigger (a per-round trigger's)
 
     @property
     def size(self) -> int:
@@ -78,7 +80,15 @@ class EvalSets:
     def to(self, device: torch.device | str) -> EvalSets:
         """The test rows and labels on ``device`` (the proxy set stays with the server)."""
         return EvalSets(self.test_x.to(device), self.test_y.to(device), self.backdoor_incl_x.to(device), self.target,
-                        self.clean, self.triggered, self.proxy_x, self.proxy_y)
+                        self.clean, self.triggered, self.proxy_x, self.proxy_y,
+                        None if self.backdoor_clean_x is None else self.backdoor_clean_x.to(device))
+
+    def retrigger(self, trigger: Trigger) -> None:
+        """The triggered rows made anew from their clean images with ``trigger`` (on their device):
+        a per-round trigger (``Attack.per_round_trigger``) is measured with the round's own."""
+        if self.backdoor_clean_x is None:
+            raise ValueError("these evaluation sets keep no clean images of their triggered rows")
+        self.backdoor_incl_x = trigger.apply(self.backdoor_clean_x)
 
 
 def batches(size: int, batch_size: int) -> list[Batch]:

@@ -11,9 +11,10 @@ import torch
 
 # Purposes, so that two streams with the same (seed, k, t) never coincide. SERVER_MODEL: a
 # defense's own starting model (MarsFL's server momentum); AUGMENT: augmentation drawn once
-# (attack.augmentation: frozen); COLLUDE: the colluding attackers' draws (attacks.collusion).
+# (attack.augmentation: frozen); COLLUDE: the colluding attackers' draws (attacks.collusion);
+# TRIGGER: an attack's trigger (attacks.blended's key pattern, attacks.a3fl's trigger search).
 (PARTITION, MODEL_INIT, CLIENT, POISON, PROXY, DEFENSE, SPLIT, ATTACKERS, SELECT, SERVER_MODEL, AUGMENT,
- COLLUDE) = range(12)
+ COLLUDE, TRIGGER) = range(13)
 
 
 def derive_seed(seed: int, *keys: int) -> int:

@@ -33,6 +33,7 @@ import torch
 from fdcr_mpi.attacks import forgery
 from fdcr_mpi.client.train import ClientData
 from fdcr_mpi.data.datasets import DatasetSpec
+from fdcr_mpi.data.poison import Trigger, trigger_mask
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.models import FlatModel
 from fdcr_mpi.registry import Registry
@@ -83,6 +84,7 @@ class Attack:
     summary: ClassVar[str] = ""
     has_attackers: ClassVar[bool] = True  # False: the run has no malicious client (attack.kind: none)
     colludes: ClassVar[bool] = False  # True: ``collude`` crafts the attackers' updates on the server
+    per_round_trigger: ClassVar[bool] = False  # True: ``round_trigger`` makes each round's trigger on the server
     Options: ClassVar[type[pydantic.BaseModel]] = NoOptions
 
     def __init__(self, config: BaseConfig) -> None:
@@ -97,6 +99,23 @@ class Attack:
     def poison(self, data: ClientData, spec: DatasetSpec, client: int, malicious: np.ndarray) -> ClientData:
         """The malicious ``client``'s training data, from its clean ``data``."""
         return data
+
+    def test_trigger(self, spec: DatasetSpec) -> Trigger:
+        """The trigger of the triggered test set (the ASR's): the whole ``trigger.pattern`` stamped
+        with ``trigger.value`` (BadNets, DBA, and the attacks that stamp none)."""
+        return Trigger(mask=trigger_mask(self.config.trigger.pattern)[: spec.channels], value=self.config.trigger.value)
+
+    def round_trigger(self, model: FlatModel, weights: torch.Tensor, data: ClientData, spec: DatasetSpec,
+                      round_: int) -> torch.Tensor:
+        """(``per_round_trigger``) Round ``round_``'s trigger pattern, (C, 32, 32) float32 on the CPU, from
+        w_t = ``weights`` and the clean ``data`` of the lowest-id attacker, computed on the server
+        (``runtime.round``, ``attacks.round_trigger``) with ``model`` (a CPU model to compute with).
+        Every rank then puts it in the attackers' ``test_trigger`` (``Trigger.with_pattern``)."""
+        raise NotImplementedError  # pragma: no cover - only attacks with per_round_trigger = True
+
+    def trigger_rows(self, rows: np.ndarray) -> np.ndarray:
+        """(``per_round_trigger``) Which of the lowest-id attacker's training ``rows`` the server holds: all."""
+        return rows
 
     @torch.no_grad()
     def update(self, weights: torch.Tensor, global_weights: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fdcr_mpi.data.datasets import DatasetSpec, Shifts, model_input, shift
+from fdcr_mpi.data.poison import Trigger
 from fdcr_mpi.models import FlatModel, FlatSGD
 
 
@@ -27,14 +28,15 @@ class ClientData:
     x: (n, C, 32, 32) preprocessed images (C as stored: 1 for grayscale datasets).
     y: (n,) labels, with the poisoned rows already relabelled to the target.
     poisoned: (n,) bool, the fixed rows that carry the trigger.
-    trigger: (3, 32, 32) bool mask of this client's trigger, or None for a benign client.
+    trigger: (3, 32, 32) bool mask of this client's trigger (stamped with ``trigger_value``), or a
+        ``data.poison.Trigger`` (a blend, a patch), or None for a benign client.
     augment: False when ``x`` holds images augmented once for good (attack.augmentation: frozen).
     """
 
     x: torch.Tensor
     y: torch.Tensor
     poisoned: torch.Tensor
-    trigger: torch.Tensor | None = None
+    trigger: torch.Tensor | Trigger | None = None
     trigger_value: float = 1.0
     true_y: torch.Tensor | None = None  # labels before poisoning (an attacker knows its clean data)
     augment: bool = True
@@ -68,8 +70,7 @@ class ClientData:
         if shifts is not None:
             x = shift(x, spec, shifts)
         if self.trigger is not None:
-            stamp = self.poisoned[idx].view(-1, 1, 1, 1) & self.trigger[: x.shape[1]]
-            x = x.masked_fill(stamp, self.trigger_value)
+            x = Trigger.of(self.trigger, self.trigger_value).apply(x, self.poisoned[idx])
         return model_input(x)
 
 

@@ -24,7 +24,6 @@ from fdcr_mpi.data.partition import (
     proxy_indices,
     train_val_split,
 )
-from fdcr_mpi.data.poison import apply_trigger, trigger_mask
 from fdcr_mpi.errors import UserError
 from fdcr_mpi.evaluation import Batch, EvalSets
 
@@ -40,6 +39,7 @@ class Experiment:
     clients: dict[int, ClientData] = field(default_factory=dict)
     eval_sets: EvalSets | None = None
     eval_work: list[Batch] = field(default_factory=list)  # the evaluation batches this rank counts
+    trigger_data: ClientData | None = None  # the server's: clean data of the lowest-id attacker (per-round trigger)
 
     @property
     def num_clients(self) -> int:
@@ -79,23 +79,34 @@ def build_client(config: BaseConfig, images: np.ndarray, labels: np.ndarray, spe
 
 
 def build_eval_sets(config: BaseConfig, test: RawSplit, spec: DatasetSpec, work: list[Batch],
-                    proxy: tuple[np.ndarray, np.ndarray] | None) -> EvalSets:
+                    proxy: tuple[np.ndarray, np.ndarray] | None, attack: Attack | None = None) -> EvalSets:
     """The rows of the test set and of the triggered test set that the batches ``work`` cover,
-    the labels of the whole test set and the ``proxy`` (images, labels), if any."""
+    the labels of the whole test set and the ``proxy`` (images, labels), if any. The triggered rows
+    carry the ``attack``'s ``test_trigger`` (the run's attack when None); with a per-round trigger
+    their clean images are kept too, to carry each round's (``EvalSets.retrigger``)."""
+    attack = attacks.create(config) if attack is None else attack
     rows = test_rows(config, len(test.y))
     clean, triggered = evaluation.rows(work)
     held = TakenRows(test, [rows[clean.start:clean.stop], rows[triggered.start:triggered.stop]])
-    mask = trigger_mask(config.trigger.pattern)[: spec.channels]
+    untriggered = preprocess(held.take(rows[triggered.start:triggered.stop])[0], spec)
     sets = EvalSets(
         test_x=preprocess(held.take(rows[clean.start:clean.stop])[0], spec),
         test_y=torch.as_tensor(test.y[rows], dtype=torch.int64),
-        backdoor_incl_x=apply_trigger(preprocess(held.take(rows[triggered.start:triggered.stop])[0], spec), mask,
-                                      config.trigger.value),
-        target=config.attack.target_label, clean=clean, triggered=triggered)
+        backdoor_incl_x=attack.test_trigger(spec).apply(untriggered),
+        target=config.attack.target_label, clean=clean, triggered=triggered,
+        backdoor_clean_x=untriggered if attack.per_round_trigger else None)
     if proxy is not None:
         sets.proxy_x = preprocess(proxy[0], spec)
         sets.proxy_y = torch.as_tensor(proxy[1], dtype=torch.int64)
     return sets
+
+
+def trigger_rows(attack: Attack, partition: list[np.ndarray], malicious: np.ndarray) -> np.ndarray | None:
+    """The training rows the server computes a per-round trigger on (``Attack.per_round_trigger``):
+    the lowest-id attacker's (or the attack's subset of them); None without such an attack."""
+    if not attack.per_round_trigger or not malicious.any():
+        return None
+    return attack.trigger_rows(partition[int(np.flatnonzero(malicious)[0])])
 
 
 def test_rows(config: BaseConfig, size: int) -> np.ndarray:
@@ -141,13 +152,17 @@ def build_experiment(config: BaseConfig, client_ids: list[int], *, eval_share: t
     exp = Experiment(config=config, spec=spec, partition=partition, malicious=malicious)
     proxy = proxy_indices(val_idx, seeding.numpy_rng(config.seed, seeding.PROXY), config.data.proxy_size) \
         if server and with_proxy else None
-    held = TakenRows(train, [partition[k] for k in client_ids] + ([proxy] if proxy is not None else []))
+    searched = trigger_rows(attack, partition, malicious) if server else None
+    held = TakenRows(train, [partition[k] for k in client_ids] + ([proxy] if proxy is not None else [])
+                     + ([searched] if searched is not None else []))
     for k in client_ids:
         exp.clients[k] = build_client(config, *held.take(partition[k]), spec, malicious, k, attack).to(device)
+    if searched is not None:  # on the server's CPU, clean, with the true labels
+        exp.trigger_data = build_client(config, *held.take(searched), spec, np.zeros_like(malicious), 0, attack)
     if eval_share is not None or server:
         size = len(test_rows(config, len(test.y)))
         exp.eval_work = evaluation.share(evaluation.batches(size, config.eval.batch_size), *eval_share) \
             if eval_share is not None else []
         exp.eval_sets = build_eval_sets(config, test, spec, exp.eval_work,
-                                        held.take(proxy) if proxy is not None else None).to(device)
+                                        held.take(proxy) if proxy is not None else None, attack).to(device)
     return exp

@@ -1,14 +1,20 @@
-"""BadNets triggers (paper pattern, solid block, DBA parts), poisoned subsets, backdoor test set.
+"""Backdoor triggers (BadNets' paper pattern and solid block, DBA parts, blends and patches),
+poisoned subsets, backdoor test set.
 
-Triggers act on model input: (B, 3, 32, 32) floats after normalisation and augmentation,
-whose masked pixels are set to ``value`` (docs/SPEC.md section 3).
+Triggers act on model input: (B, C, 32, 32) floats after normalisation and augmentation
+(docs/SPEC.md section 3). A BadNets trigger sets its masked pixels to ``value``; the ``Trigger``
+type also blends a pattern into the image (``attacks.blended``) or pastes one inside a region
+(``attacks.a3fl``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from fdcr_mpi.data.datasets import DatasetSpec
 from fdcr_mpi.errors import UserError
 
 _PATTERNS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -56,6 +62,76 @@ def dba_masks(pattern: str, parts: int, channels: int = 3, size: int = 32) -> li
         )
     runs = np.array_split(np.arange(len(pixels)), parts)
     return [_mask_of([pixels[i] for i in run], channels, size) for run in runs]
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """What a backdoor does to a model input x (B, C, H, W), on the rows that carry it.
+
+    - stamp (``pattern`` None; BadNets, DBA): x'[c, i, j] = ``value`` where ``mask``, x elsewhere;
+    - blend (``pattern`` P, ``alpha`` a < 1; Chen et al. 2017, blended injection):
+      x' = (1 - a) x + a P, on every pixel (``mask`` None) or inside ``mask``;
+    - patch (``alpha`` 1; A3FL): x' = P inside ``mask``, x elsewhere (the authors'
+      ``trigger * mask + (1 - mask) * x``).
+
+    ``mask``: (C', H, W) bool; ``pattern``: (C', H, W) float, in the model's input space
+    (normalised). C' may exceed the batch's C (a 3-channel mask on grayscale data): the first C
+    channels act. Neither is moved: they must be on the batch's device (``to``).
+    """
+
+    mask: torch.Tensor | None = None
+    value: float = 1.0
+    pattern: torch.Tensor | None = None
+    alpha: float = 1.0
+
+    @classmethod
+    def of(cls, trigger: Trigger | torch.Tensor, value: float) -> Trigger:
+        """``trigger`` itself, or the stamp of the bool mask ``trigger`` with ``value``."""
+        return trigger if isinstance(trigger, Trigger) else cls(mask=trigger, value=value)
+
+    @property
+    def device(self) -> torch.device:
+        return (self.mask if self.mask is not None else self.pattern).device
+
+    def to(self, device: torch.device | str) -> Trigger:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Trigger(mask=move(self.mask), value=self.value, pattern=move(self.pattern), alpha=self.alpha)
+
+    def with_pattern(self, pattern: torch.Tensor) -> Trigger:
+        """The same trigger with another ``pattern`` (a per-round trigger, ``attacks.a3fl``)."""
+        return Trigger(mask=self.mask, value=self.value, pattern=pattern, alpha=self.alpha)
+
+    def apply(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy of ``x`` (B, C, H, W) with the trigger on the rows where ``rows`` (B,) bool is
+        True (every row when None)."""
+        c = x.shape[1]
+        if self.pattern is None:  # the stamp: exactly BadNets' masked_fill (same bits as before)
+            where = self.mask[:c] if rows is None else rows.view(-1, 1, 1, 1) & self.mask[:c]
+            return x.masked_fill(where, self.value)
+        pattern = self.pattern[:c].to(x.dtype)
+        out = pattern.expand_as(x) if self.alpha == 1.0 else x * (1.0 - self.alpha) + pattern * self.alpha
+        where = None if self.mask is None else self.mask[:c]
+        if rows is not None:
+            picked = rows.view(-1, 1, 1, 1)
+            where = picked if where is None else picked & where
+        if where is None:
+            return out.clone() if self.alpha == 1.0 else out
+        return torch.where(where, out, x)
+
+
+def normalise(pixels: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
+    """A (C, H, W) image in pixel space [0, 1] as the model sees it: (p - mean_c) / std_c."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+    return (pixels.to(torch.float32) - mean) / std
+
+
+def input_range(spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (C, 1, 1) bounds of a valid model input: the normalised values of pixels 0 and 1."""
+    ones = torch.ones((spec.channels, 1, 1))
+    return normalise(0 * ones, spec), normalise(ones, spec)
 
 
 def apply_trigger(x: torch.Tensor, mask: torch.Tensor, value: float = 1.0) -> torch.Tensor:

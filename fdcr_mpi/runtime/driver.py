@@ -21,6 +21,7 @@ import torch
 
 from fdcr_mpi import __version__, seeding
 from fdcr_mpi.attacks.collusion import stage_needed
+from fdcr_mpi.attacks.round_trigger import RoundTrigger
 from fdcr_mpi.config import (
     BaseConfig,
     aggregation_path,
@@ -332,7 +333,8 @@ def run_context(config: BaseConfig, transport, exp: Experiment, runner: ClientRu
         parallel_eval=parallel_eval(config, transport.size), trainable=runner.model.trainable.cpu(),
         w_buffer=host_buffer((d,), np.float32, pinned=runner.device.cuda),
         proxy=server_proxy(config, exp) if transport.is_server and defense.needs_proxy else None, recv=recv,
-        attack=runner.attack if transport.is_server and stage_needed(runner.attack) else None)
+        attack=runner.attack if transport.is_server and stage_needed(runner.attack) else None,
+        round_trigger=RoundTrigger.make(runner.attack, exp, transport.is_server))
 
 
 def initial_weights(config: BaseConfig) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """One round, SPMD: every rank runs ``run_rounds`` and ``one_round``; the server's branch sits beside
 each collective (docs/ARCHITECTURE.md, "One round, as data").
 
-1. Rank 0 broadcasts the header (round, ROUND | STOP) and w_t.
+1. Rank 0 broadcasts the header (round, ROUND | STOP) and w_t (and, for an attack with a per-round
+   trigger, that round's trigger, computed from w_t: ``attacks.round_trigger``).
 2. Every rank trains the participants it hosts (all of them in one process, none on rank 0 under
    MPI) and fills its send blocks (``runtime.clients``).
 3. The rows meet the defense, healthy rows only (the clients' own check, meta ``finite``):
@@ -26,6 +27,7 @@ import torch
 from fdcr_mpi import evaluation, metrics
 from fdcr_mpi.attacks import Attack
 from fdcr_mpi.attacks.collusion import collude
+from fdcr_mpi.attacks.round_trigger import RoundTrigger
 from fdcr_mpi.config import BaseConfig
 from fdcr_mpi.data.experiment import Experiment
 from fdcr_mpi.defenses.base import Defense, ProxyData, RoundInputs, RoundResult
@@ -69,6 +71,7 @@ class RunContext:
     proxy: ProxyData | None = None  # the server's proxy set, for the defenses that need one
     recv: SendBlocks | None = None  # the server's (m, D) rows on the gather path
     attack: Attack | None = None  # the server's copy of a colluding attack (attacks.collusion)
+    round_trigger: RoundTrigger | None = None  # an attack's per-round trigger (attacks.round_trigger)
 
     @property
     def is_server(self) -> bool:
@@ -130,6 +133,12 @@ def one_round(ctx: RunContext, t: int, weights: torch.Tensor) -> RoundRecord | N
     w_t = ctx.w_buffer
     if ctx.is_server:
         w_t[:] = weights.detach().cpu().numpy()
+    if ctx.round_trigger is not None:  # round t's trigger, from w_t on the server, with w_t to every rank
+        if ctx.is_server:
+            ctx.round_trigger.compute(weights, t)
+        transport.wait_quietly()
+        transport.broadcast(ctx.round_trigger.buffer)
+        ctx.round_trigger.install()
     transport.broadcast(w_t)
     laps("broadcast")
     own = ctx.runner.run_round(torch.from_numpy(w_t).to(ctx.runner.device.device), t, plan.selected)
