@@ -93,6 +93,10 @@ class AttackConfig(Section):
     pgd_radius: float | None = pydantic.Field(None, gt=0)
     """An attacker's sent update projected onto the L2 ball of this radius around w_t (after its attack's
     own change; any attack; Attack.send); null: no projection."""
+    pgd_every: int | None = pydantic.Field(None, ge=1)
+    """With pgd_radius: the attacker's weights also projected onto that ball after every n-th local SGD
+    step and at the end of its training (PGD during training, Attack.train; the attacker then trains
+    outside its batched group); null: projected once, at the end (pgd_radius alone)."""
     knowledge: Literal["omniscient", "attackers"] = "omniscient"
     """What colluding attacks (lie, min_max, ...) craft from: every benign participant's update of the
     round (omniscient) or the attackers' own honest updates only (attacks.collusion)."""
@@ -365,6 +369,9 @@ def _check_consistency(config: BaseConfig) -> None:
     if config.defense.path == "reduce" and config.attack.fisher == "adaptive":
         raise UserError("attack.fisher=adaptive forges the attackers' Fisher vectors from the round's rows on the "
                         "server, which the reduce path never gathers; use defense.path=gather or auto")
+    if config.attack.pgd_every is not None and config.attack.pgd_radius is None:
+        raise UserError("config key 'attack.pgd_every' projects onto the ball of radius attack.pgd_radius, "
+                        "which is not set; set attack.pgd_radius or leave attack.pgd_every null")
     if attacks.available()[config.attack.kind].has_attackers:
         attackers = int(config.attack.malicious_ratio * config.data.num_clients)
         if config.attack.malicious_ratio > 0 and attackers == 0:
@@ -467,7 +474,7 @@ def from_yaml(text: str) -> BaseConfig:
 
 HASH_NEUTRAL: dict[str, Any] = {
     "data.normalization": "spec", "attack.poisoning": "fixed", "attack.augmentation": "fresh",
-    "attack.knowledge": "omniscient", "attack.pgd_radius": None,
+    "attack.knowledge": "omniscient", "attack.pgd_radius": None, "attack.pgd_every": None,
     "fdcr.variant": "paper", **{f"{name}.variant": "original" for name in (
         "multi_krum", "trimmed_median", "bulyan", "foolsgold", "sageflow", "crfl", "dnc")},
 }

@@ -6,6 +6,10 @@ its round, each a hook with the benign behaviour as default:
 - ``poison``: its training data, built once (relabelled rows, the trigger it stamps);
 - ``update``: its trained weights, changed in place before they are sent;
 - ``fisher``: the Fisher vector it reports (``None``: the honest one, computed as any client's);
+- ``train`` (attacks whose ``trains_differently`` is true): its local training itself, in place of
+  ``client.train_client``; such an attacker is trained alone, outside a batched group
+  (``runtime.clients``). The base class's ``train`` is ``train_client`` with PGD's projection after
+  every ``attack.pgd_every``-th SGD step (``step_hook``);
 - ``collude`` (attacks with ``colludes = True``): the attackers' updates crafted together from
   the round's updates (``attack.knowledge``: every participant's, or the attackers' own honest
   ones), the model-poisoning attacks of the robust-aggregation literature. The attackers'
@@ -15,14 +19,16 @@ its round, each a hook with the benign behaviour as default:
 
 Defenses never see an ``Attack``: it acts on the client side only. Adding an attack is one new
 module in this package (or the user's own, loaded with ``--plugin``) with a class decorated by
-``@register("name")``; ``attack.kind`` selects it. ``attack.scale`` (model replacement) and
-``attack.fisher`` (a forged Fisher vector) apply to any attack: they are this base class's
-``update`` and ``fisher``. An attack's hyperparameters are its pydantic ``Options``: the config
+``@register("name")``; ``attack.kind`` selects it. ``attack.scale`` (model replacement),
+``attack.pgd_radius`` / ``attack.pgd_every`` (projected gradient descent) and ``attack.fisher`` (a
+forged Fisher vector) apply to any attack: they are this base class's ``update``, ``send``,
+``train`` and ``fisher``. An attack's hyperparameters are its pydantic ``Options``: the config
 section ``<name>.*`` (as a defense's), ``self.options`` here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -31,7 +37,7 @@ import pydantic
 import torch
 
 from fdcr_mpi.attacks import forgery
-from fdcr_mpi.client.train import ClientData
+from fdcr_mpi.client.train import ClientData, TrainSettings, train_client
 from fdcr_mpi.data.datasets import DatasetSpec
 from fdcr_mpi.data.poison import Trigger, trigger_mask
 from fdcr_mpi.errors import UserError
@@ -75,6 +81,26 @@ class RoundUpdates:
     def reference(self) -> torch.Tensor:
         """The honest updates the attackers know, (r, P)."""
         return self.updates[torch.from_numpy(np.flatnonzero(self.known)).to(self.updates.device)]
+
+
+StepHook = Callable[[int], None]
+"""Called after the s-th local SGD step of an attacker (s = 1, 2, ...), with s."""
+
+
+@torch.no_grad()
+def project_onto_ball(weights: torch.Tensor, center: torch.Tensor, radius: float) -> None:
+    """PGD's projection, in place and without reading a value back to the host:
+
+        w <- c + (w - c) min(1, r / ||w - c||)
+
+    the norm taken in float64 (as ``Attack.send``); a ``w`` inside the ball is left bit for bit.
+    The factor r / ||w - c|| is rounded to float32 before it scales w - c, as ``Attack.send``'s
+    Python scalar is, so both give the same bits."""
+    delta = weights - center
+    norm = torch.linalg.vector_norm(delta.to(torch.float64))
+    factor = (radius / norm).to(torch.float32)
+    projected = delta.mul_(factor).add_(center)
+    weights.copy_(torch.where(norm > radius, projected, weights))
 
 
 class Attack:
@@ -128,13 +154,53 @@ class Attack:
     def send(self, weights: torch.Tensor, global_weights: torch.Tensor) -> None:
         """What an attacker sends, in place: its ``update`` hook, then, with ``attack.pgd_radius`` r,
         the projection of its update onto the L2 ball of radius r around w_t (PGD's projection, applied
-        once to the sent update): w_k <- w_t + (w_k - w_t) min(1, r / ||w_k - w_t||)."""
+        once to the sent update; with ``attack.pgd_every`` also during training, ``train``):
+        w_k <- w_t + (w_k - w_t) min(1, r / ||w_k - w_t||)."""
         self.update(weights, global_weights)
         radius = self.config.attack.pgd_radius
         if radius is not None:
             norm = float(torch.linalg.vector_norm((weights - global_weights).to(torch.float64)))
             if norm > radius:
                 weights.sub_(global_weights).mul_(radius / norm).add_(global_weights)
+
+    @property
+    def trains_differently(self) -> bool:
+        """Whether an attacker's local training is this attack's ``train`` rather than
+        ``client.train_client`` (then it is trained alone, outside a batched group): with
+        ``attack.pgd_every`` set, or for an attack with a training of its own (``chameleon``)."""
+        return self.config.attack.pgd_every is not None
+
+    def step_hook(self, model: FlatModel, global_weights: torch.Tensor) -> StepHook | None:
+        """PGD during training (``attack.pgd_every`` n, radius r = ``attack.pgd_radius``): after every
+        n-th local SGD step, w <- w_t + (w - w_t) min(1, r / ||w - w_t||) (``project_onto_ball``) on
+        ``model.flat``, as the projected gradient descent of Sun et al. 2019 ("Can You Really Backdoor
+        Federated Learning?") and Wang et al. 2020 ("Attack of the Tails", PGD every few steps).
+        None without ``attack.pgd_every``."""
+        every, radius = self.config.attack.pgd_every, self.config.attack.pgd_radius
+        if every is None:
+            return None
+
+        def project(step: int) -> None:
+            if step % every == 0:
+                project_onto_ball(model.flat, global_weights, radius)
+
+        return project
+
+    def finish_training(self, model: FlatModel, global_weights: torch.Tensor) -> None:
+        """The end of an attacker's training with ``attack.pgd_every``: one last projection (the steps
+        after the last n-th are projected too). ``send`` projects again after the ``update`` hook."""
+        if self.config.attack.pgd_every is not None:
+            project_onto_ball(model.flat, global_weights, self.config.attack.pgd_radius)
+
+    def train(self, model: FlatModel, data: ClientData, spec: DatasetSpec | None, settings: TrainSettings,
+              generator: torch.Generator, global_weights: torch.Tensor) -> torch.Tensor:
+        """An attacker's local training, in place on ``model`` (loaded with w_t = ``global_weights``),
+        when ``trains_differently``: ``train_client`` with PGD's projection every ``attack.pgd_every``
+        steps and once at the end. Returns the mean training loss (a float64 device scalar, as
+        ``train_client``). Every draw comes from ``generator``, the client's."""
+        loss = train_client(model, data, spec, settings, generator, after_step=self.step_hook(model, global_weights))
+        self.finish_training(model, global_weights)
+        return loss
 
     def fisher(self, model: FlatModel, data: ClientData, generator: torch.Generator) -> torch.Tensor | None:
         """The forged Fisher vector ``attack.fisher`` asks for (``attacks.forgery``), or None."""

@@ -10,7 +10,7 @@ value read back), so a GPU runs ahead of Python.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -123,10 +123,12 @@ def draw_epoch(n: int, settings: TrainSettings, spec: DatasetSpec | None, genera
 
 
 def train_client(model: FlatModel, data: ClientData, spec: DatasetSpec | None, settings: TrainSettings,
-                 generator: torch.Generator) -> torch.Tensor:
+                 generator: torch.Generator, after_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Train ``model`` in place on the client's data (docs/SPEC.md section 1.1); returns the mean training
     loss as a float64 scalar tensor on the model's device (nan if no step), without waiting for it.
-    ``spec`` (how the data set augments) may be None for data that is not augmented."""
+    ``spec`` (how the data set augments) may be None for data that is not augmented.
+    ``after_step(s)``, when given, runs after the s-th SGD step (s = 1, 2, ...): an attacker's hook
+    (``Attack.train``, e.g. PGD's projection), which may change ``model.flat`` in place."""
     module = model.module
     module.train()
     device = model.flat.device
@@ -141,6 +143,8 @@ def train_client(model: FlatModel, data: ClientData, spec: DatasetSpec | None, s
             optimizer.step()
             total += loss.detach()
             steps += 1
+            if after_step is not None:
+                after_step(steps)
     return total / steps if steps else torch.full((), float("nan"), dtype=torch.float64, device=device)
 
 

@@ -42,8 +42,10 @@ class FlatModel:
         self.flat = torch.empty(total, dtype=torch.float32, device=device)
         self.grad = torch.zeros(self.num_params, dtype=torch.float32, device=device)
         offset = 0
+        self._owners: list[tuple[nn.Module, int, int]] = []  # (module, start, stop) of each parameter
         for owner, name, p in named:
             n = p.numel()
+            self._owners.append((owner, offset, offset + n))
             view = self.flat[offset:offset + n].view_as(p)
             view.copy_(p.detach())
             param = nn.Parameter(view)
@@ -71,6 +73,18 @@ class FlatModel:
     def params(self) -> torch.Tensor:
         """The trainable part of the flat vector, ``flat[:P]`` (a view)."""
         return self.flat[: self.num_params]
+
+    def span(self, submodule: nn.Module) -> tuple[int, int]:
+        """(start, stop): the entries of the flat vector holding ``submodule``'s trainable parameters
+        (its own and its children's), which must be one contiguous block."""
+        inside = {id(m) for m in submodule.modules()}
+        spans = [(a, b) for owner, a, b in self._owners if id(owner) in inside]
+        if not spans:
+            raise ValueError(f"{type(submodule).__name__} holds no trainable parameter of this model")
+        start, stop = spans[0][0], spans[-1][1]
+        if sum(b - a for a, b in spans) != stop - start:
+            raise ValueError(f"the parameters of {type(submodule).__name__} are not contiguous in the flat vector")
+        return start, stop
 
     def load(self, weights: torch.Tensor) -> None:
         """Set every parameter and float buffer from a (D,) vector in one copy."""

@@ -1,4 +1,10 @@
-"""The networks: SimpleCNN (the paper's), a 1M-parameter CNN, a CIFAR-style ResNet-18."""
+"""The networks: SimpleCNN (the paper's), a 1M-parameter CNN, a CIFAR-style ResNet-18.
+
+Each splits into a feature extractor and a head, its last ``nn.Linear`` (the attribute named by
+``head_name``): ``forward(x) = head(features(x))``, the same operations as a single forward. Attacks
+that train the two apart (``attacks.chameleon``) use ``features`` and ``head_of``; the head's
+parameters are the last block of the trainable entries of the flat vector (``FlatModel.span``).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ def pooled_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class SimpleCNN(nn.Module):
-    """docs/SPEC.md section 4: 92,626 parameters, no BatchNorm."""
+    """docs/SPEC.md section 4: 92,626 parameters, no BatchNorm. Head: ``classifier`` (256 -> classes)."""
+
+    head_name = "classifier"
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -32,12 +40,15 @@ class SimpleCNN(nn.Module):
         self.fc4 = nn.Linear(84, 256)
         self.classifier = nn.Linear(256, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input, (B, 256): fc4's output (no ReLU before the classifier)."""
         x = torch.relu(self.fc1(pooled_features(self, x)))
         x = torch.relu(self.fc2(x))
         x = torch.relu(self.fc3(x))
-        x = self.fc4(x)
-        return self.classifier(x)
+        return self.fc4(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
 
 
 class _BasicBlock(nn.Module):
@@ -62,7 +73,9 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR-style ResNet-18 (3x3 stem, no max-pool), about 11.2M parameters."""
+    """CIFAR-style ResNet-18 (3x3 stem, no max-pool), about 11.2M parameters. Head: ``linear`` (512 -> classes)."""
+
+    head_name = "linear"
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -77,16 +90,22 @@ class ResNet18(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.linear = nn.Linear(512, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input, (B, 512): the global average pool of the last block."""
         out = torch.relu(self.bn1(self.conv1(x)))
         out = self.layers(out)
         # the global average pool as a mean: adaptive pooling has no deterministic CUDA backward
-        return self.linear(out.mean(dim=(2, 3)))
+        return out.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x))
 
 
 class Cnn1M(nn.Module):
     """A wider SimpleCNN of about 1M parameters (1,007,306), no BatchNorm: the model of the
-    scale benchmarks (issue 7), where D and K x D matter more than compute."""
+    scale benchmarks (issue 7), where D and K x D matter more than compute. Head: ``classifier``."""
+
+    head_name = "classifier"
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -97,10 +116,24 @@ class Cnn1M(nn.Module):
         self.fc2 = nn.Linear(512, 256)
         self.classifier = nn.Linear(256, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input, (B, 256): fc2's output after its ReLU."""
         x = torch.relu(self.fc1(pooled_features(self, x)))
-        x = torch.relu(self.fc2(x))
-        return self.classifier(x)
+        return torch.relu(self.fc2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def head_of(module: nn.Module) -> nn.Linear:
+    """The model's head, its last ``nn.Linear`` (the attribute ``head_name``); a model without one
+    (a plugin's) is a ValueError."""
+    name = getattr(module, "head_name", None)
+    head = getattr(module, name, None) if isinstance(name, str) else None
+    if not isinstance(head, nn.Linear) or not callable(getattr(module, "features", None)):
+        raise ValueError(f"{type(module).__name__} has no features / head split (a head_name naming its last "
+                         "nn.Linear and a features method)")
+    return head
 
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {"simple_cnn": SimpleCNN, "cnn_1m": Cnn1M, "resnet18": ResNet18}

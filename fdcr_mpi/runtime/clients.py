@@ -133,33 +133,54 @@ class ClientRunner:
 
     def run_group(self, model: FlatModel, first: int, group: list[int], global_weights: torch.Tensor,
                   round_: int) -> list[Outcome]:
-        """A group's clients on ``model``: trained (one by one, or batched), measured, rows filled."""
+        """A group's clients on ``model``: trained (one by one, or batched), measured, rows filled.
+
+        An attacker whose attack ``trains_differently`` (``Attack.train``) is trained alone, on
+        ``model``; the group's other members are still trained as one batched computation."""
         cfg = self.exp.config
         generators = [seeding.client_generator(cfg.seed, k, round_) for k in group]
-        if len(group) == 1:
-            model.load(global_weights)
-            begin = self.device.mark()
-            loss = train_client(model, self.data[group[0]], self.exp.spec, self.exp.train_settings, generators[0])
-            trained = [(model.flat, loss, (begin, self.device.mark()))]
-        else:
+        alone = [len(group) == 1 or self.trains_alone(k) for k in group]
+        together = [i for i, a in enumerate(alone) if not a]
+        batched: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if together:
             from fdcr_mpi.client.batched import train_group
 
             begin = self.device.mark()
-            weights, losses = train_group(model, global_weights, [self.data[k] for k in group], self.exp.spec,
-                                          self.exp.train_settings, generators)
+            weights, losses = train_group(model, global_weights, [self.data[group[i]] for i in together],
+                                          self.exp.spec, self.exp.train_settings, [generators[i] for i in together])
             end = self.device.mark()
-            trained = [(weights[i], losses[i], (begin, end)) for i in range(len(group))]
+            batched = {i: (weights[j], losses[j]) for j, i in enumerate(together)}
         outcomes = []
-        for i, (k, (weights, loss, marks)) in enumerate(zip(group, trained)):
-            if len(group) > 1:
-                model.load(weights)
-            begin = self.device.mark()
+        for i, k in enumerate(group):
+            if alone[i]:
+                model.load(global_weights)
+                begin_k = self.device.mark()
+                loss = self.train_alone(model, k, generators[i], global_weights)
+                marks = (begin_k, self.device.mark())
+            else:
+                weights_k, loss = batched[i]
+                model.load(weights_k)
+                marks = (begin, end)
+            begin_fill = self.device.mark()
             self.fill_rows(model, first + i, k, global_weights, generators[i])
-            outcome = Outcome(loss, marks, (begin, self.device.mark()))
-            if len(group) > 1:
-                outcome.train_share = 1.0 / len(group)
+            outcome = Outcome(loss, marks, (begin_fill, self.device.mark()))
+            if not alone[i]:
+                outcome.train_share = 1.0 / len(together)
             outcomes.append(outcome)
         return outcomes
+
+    def trains_alone(self, k: int) -> bool:
+        """Whether client ``k`` is an attacker whose attack has a training of its own (``Attack.train``)."""
+        return bool(self.exp.malicious[k]) and self.attack.trains_differently
+
+    def train_alone(self, model: FlatModel, k: int, generator: torch.Generator,
+                    global_weights: torch.Tensor) -> torch.Tensor:
+        """Client ``k`` trained by itself on ``model`` (loaded with w_t): ``client.train_client``, or its
+        attack's ``train``; the mean loss as a device scalar."""
+        data, spec, settings = self.data[k], self.exp.spec, self.exp.train_settings
+        if self.trains_alone(k):
+            return self.attack.train(model, data, spec, settings, generator, global_weights)
+        return train_client(model, data, spec, settings, generator)
 
     def fill_rows(self, model: FlatModel, row: int, k: int, global_weights: torch.Tensor,
                   generator: torch.Generator) -> None:
