@@ -31,19 +31,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import h5py
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import MPIEXEC, REPO, clean_env, load1, median, say, shared_data_root
+from benchmarks.common import REPO, median, say, shared_data_root
 from benchmarks.local import client_data
+from benchmarks.threads import round_seconds
 from fdcr_mpi.client import TrainSettings, train_client
 from fdcr_mpi.client.batched import train_group
 from fdcr_mpi.models import SimpleCNN, build_model
@@ -58,25 +56,8 @@ GROUP = 5  # clients per batched group in the step measurements (train.batch_cli
 
 
 def round_run(ranks: int | None, extra: list[str], root: Path, epochs: int, out: Path, timeout: float) -> dict:
-    """One paper round under the launch; its phases from the run file."""
-    items = ["run", "configs/paper/fmnist.yaml", "rounds=1", f"data.root={root}", f"train.local_epochs={epochs}",
-             *extra, "--out", str(out), "--restart", "--quiet"]
-    program = [sys.executable, "-m", "fdcr_mpi", *items]
-    command = program if ranks is None else [str(MPIEXEC), "-n", str(ranks), *program]
-    load = load1()
-    env = clean_env(2)
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.pop(key)  # the launch's own thread setting decides
-    start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        return {"ok": False, "error": done.stderr[-1500:], "load": load}
-    with h5py.File(out / "run.h5", "r") as f:
-        seconds = {name.removeprefix("seconds_"): float(f[f"rounds/{name}"][0]) for name in f["rounds"]
-                   if name.startswith("seconds_")}
-    return {"ok": True, "round": seconds["round"], "phases": seconds, "wall": round(wall, 1), "load": load,
-            "load_end": load1()}
+    """One paper round under the launch, this tree's code; its phases from the run file."""
+    return round_seconds(REPO, ranks, extra, root, epochs, out, timeout)
 
 
 def flops_per_sample() -> float:

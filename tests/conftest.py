@@ -1,8 +1,10 @@
-"""Shared fixtures: the real datasets in ../shared/data (skipped with a reason in a user's clone)."""
+"""Shared fixtures: the real datasets in ../shared/data (skipped with a reason in a user's clone), one
+intra-op thread for a module."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,18 @@ import inspect  # noqa: E402
 import types  # noqa: E402
 
 _STARTERS = {"subprocess", "Popen", "fork", "forkpty", "multiprocessing", "check_call", "check_output"}
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module, as a client computes (small steps only lose time to a
+    second thread on a busy machine); the previous count afterwards."""
+    import torch  # here: after CUBLAS_WORKSPACE_CONFIG above
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _names(code: types.CodeType) -> set[str]:

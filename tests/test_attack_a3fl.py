@@ -7,7 +7,6 @@ round's trigger, resume, and mpiexec -n 3 against one process."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -94,13 +93,7 @@ def ours(weights: torch.Tensor, data: ClientData, opts: A3fl.Options, round_: in
                           region_mask(1, opts.size, opts.offset), opts, TARGET, batch_size or len(data), gen)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread, as a client computes (small steps only lose time to a second one)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
