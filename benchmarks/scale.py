@@ -70,6 +70,12 @@ def run_scale(sizes: ScaleSizes, root: Path | None, scratch: Path) -> tuple[list
     return scale_figures(sizes, details["runs"]), details
 
 
+def extra_note(sizes: ScaleSizes, key: str) -> str:
+    """'; then ...': the overrides of the run ``key``'s own (``ScaleRun.extra``), if any."""
+    extra = next((r.extra for r in sizes.runs if r.key == key), ())
+    return f"; then {', '.join(extra)}" if extra else ""
+
+
 def overhead_seconds(run: dict) -> float:
     return run["phases"]["round"] - run["phases"]["train"]
 
@@ -86,7 +92,8 @@ def scale_figures(sizes: ScaleSizes, runs: dict[str, dict]) -> list[Figure]:
         peaks = run["peak_rss_mib"]
         figures.append(Figure(f"scale_server_rss_{key}", f"Server (rank 0) peak memory, {label}", peaks.get(0),
                               "MiB", threads="1/rank", load=run_load(run),
-                              notes=f"{setting}; client ranks: " + ", ".join(f"{m:.0f}" for r, m in peaks.items() if r)))
+                              notes=f"{setting}{extra_note(sizes, key)}; client ranks: "
+                              + ", ".join(f"{m:.0f}" for r, m in peaks.items() if r)))
         figures.append(Figure(f"scale_overhead_{key}", f"Round overhead, {label}", overhead_seconds(run), "s",
                               threads="1/rank", load=run_load(run),
                               notes=f"round {run['phases']['round']:.2f} s less the busiest rank's training "
@@ -121,7 +128,6 @@ def scale_figures(sizes: ScaleSizes, runs: dict[str, dict]) -> list[Figure]:
 def main() -> None:
     """``python -m benchmarks.scale``: the full plan's scale runs alone, into scale.json and scale.md."""
     import argparse
-    import json
     import tempfile
 
     from benchmarks.common import REPO, shared_data_root
@@ -137,8 +143,15 @@ def main() -> None:
                            sizes.timeout)
     with tempfile.TemporaryDirectory(prefix="fdcr-scale-") as scratch:
         figures, details = run_scale(sizes, shared_data_root(), Path(scratch))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps({"figures": [f.to_dict() for f in figures], "details": details},
+    write_scale(args.out, figures, details)
+
+
+def write_scale(out: Path, figures: list[Figure], details: dict) -> None:
+    """scale.json and scale.md in ``out``."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps({"figures": [f.to_dict() for f in figures], "details": details},
                                                     indent=1) + "\n")
     lines = ["# Scale in K (fdcr, cnn_1m, mpiexec -n 3, one thread per rank)", "",
              "| figure | value | unit | target | pass | load | notes |", "|---|---|---|---|---|---|---|"]
@@ -147,7 +160,7 @@ def main() -> None:
         target = f"{f.op} {f.bound}" if f.op else ""
         lines.append(f"| {f.label} | {value} | {f.unit} | {target} | {f.passed if f.passed is not None else 'n/a'} | "
                      f"{f.load if f.load is not None else ''} | {f.notes} |")
-    (args.out / "scale.md").write_text("\n".join(lines) + "\n")
+    (out / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
