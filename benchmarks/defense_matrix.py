@@ -40,7 +40,14 @@ DESCRIPTION = ("Fashion-MNIST (real files, the whole 54,000-image client pool) o
                "fisher_mimic, 14 defenses) were computed in an earlier session, with the code of its time; the "
                "others (the library's defenses against badnets, fisher_adaptive, and fdcr/fedavg against the "
                "untargeted attacks) in session 7. Today's FedAvg gives 78.8 / 46.4 against badnets (rflbat and "
-               "fldetector, which removed nobody in 12 rounds, equal it), the earlier cell 78.5 / 47.9.")
+               "fldetector, which removed nobody in 12 rounds, equal it), the earlier cell 78.5 / 47.9. Session 8 "
+               "added fdcr/fedavg against min_sum, gaussian, scaling, neurotoxin (BadNets masked off the top 1% of "
+               "the benign mean update), fang (against trimmed mean), blended (a random key pattern blended at "
+               "alpha 0.2), a3fl (its trigger searched each round on the server; shortened to a3fl.samples=500, "
+               "a3fl.trigger_epochs=20 from the authors' 200) and chameleon (the authors' defaults), and five "
+               "robust aggregators against lie and min_max. Every cell trains one client at a time "
+               "(train.batch_clients=1, pinned since batched training became the default), the arithmetic of "
+               "the earlier cells.")
 LOSSES = ("FDCR's figure per attack against FedAvg's (no defense) and the best defense run in that column: V "
           "(mean of A and R) for a backdoor, A for an untargeted attack. 'worse' / 'better': by more than one point. "
           "Computed from the cells above (one seed, 12 short rounds): a difference of a few points is within the "
