@@ -6,8 +6,9 @@
 #      groups, evaluation, pinned staging, the defenses and their variants on the GPU,
 #      deterministic and close to the CPU);
 #   3. the quick start on CUDA under mpiexec -n 3, twice, and once in one process: the three final
-#      sha256 must be equal (deterministic kernels; one GPU shared by the two client ranks); and
-#      with batched groups of 5 clients, under mpiexec -n 3 and in one process: equal again;
+#      sha256 must be equal (deterministic kernels; one GPU shared by the two client ranks; the
+#      default batched groups of 5 clients); and one client at a time (train.batch_clients=1),
+#      under mpiexec -n 3 and in one process: equal again;
 #   4. benchmarks/gpu.py: batched against one-by-one clients per GPU.
 # Results: DIR/summary.json (pass/fail per step, the shas), DIR/gpu.json and gpu.md, DIR/check.log.
 # PYTHON and MPIEXEC may name the interpreter (with fdcr_mpi importable) and the MPI launcher.
@@ -47,13 +48,13 @@ timeout 150 "$PY" "${quick[@]}" --out "$work/one" > "$work/one.txt" 2>&1
 echo "one rc=$? sha=$(sha "$work/one.txt")" | tee -a "$log"; tail -3 "$work/one.txt" >> "$log"
 a=$(sha "$work/mpi_a.txt"); b=$(sha "$work/mpi_b.txt"); c=$(sha "$work/one.txt")
 [ -n "$a" ] && [ "$a" = "$b" ] && [ "$a" = "$c" ] && record quickstart_same_sha pass || record quickstart_same_sha fail
-for name in batched_mpi batched_one; do
-  launcher=(); [ $name = batched_mpi ] && launcher=("$MPIEXEC" -n 3)
-  timeout 150 "${launcher[@]}" "$PY" "${quick[@]}" train.batch_clients=5 --out "$work/$name" > "$work/$name.txt" 2>&1
+for name in serial_mpi serial_one; do
+  launcher=(); [ $name = serial_mpi ] && launcher=("$MPIEXEC" -n 3)
+  timeout 150 "${launcher[@]}" "$PY" "${quick[@]}" train.batch_clients=1 --out "$work/$name" > "$work/$name.txt" 2>&1
   echo "$name rc=$? sha=$(sha "$work/$name.txt")" | tee -a "$log"; tail -3 "$work/$name.txt" >> "$log"
 done
-d=$(sha "$work/batched_mpi.txt"); e=$(sha "$work/batched_one.txt")
-[ -n "$d" ] && [ "$d" = "$e" ] && record batched_same_sha pass || record batched_same_sha fail
+d=$(sha "$work/serial_mpi.txt"); e=$(sha "$work/serial_one.txt")
+[ -n "$d" ] && [ "$d" = "$e" ] && record one_by_one_same_sha pass || record one_by_one_same_sha fail
 "$PY" - "$work" >> "$log" 2>&1 <<'EOF'
 import json, sys, h5py, numpy as np
 for name in ("mpi_a", "one"):
@@ -70,8 +71,8 @@ timeout 240 "$PY" -m benchmarks.gpu --out "$out" >> "$log" 2>&1 && record benchm
 import json, sys
 steps = {$(for k in "${!status[@]}"; do printf '"%s": "%s", ' "$k" "${status[$k]}"; done)}
 json.dump({"steps": steps, "quickstart_sha": {"mpiexec_n3_a": sys.argv[2], "mpiexec_n3_b": sys.argv[3],
-           "one_process": sys.argv[4], "batched_mpiexec_n3": sys.argv[5],
-           "batched_one_process": sys.argv[6]}}, open(sys.argv[1] + "/summary.json", "w"), indent=2)
+           "one_process": sys.argv[4], "one_by_one_mpiexec_n3": sys.argv[5],
+           "one_by_one_one_process": sys.argv[6]}}, open(sys.argv[1] + "/summary.json", "w"), indent=2)
 print(json.dumps(steps))
 EOF
 rm -rf "$work"
