@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from benchmarks.common import REPO, median, say, shared_data_root
 from benchmarks.local import client_data
 from benchmarks.threads import round_seconds
-from fdcr_mpi.client import TrainSettings, train_client
+from fdcr_mpi.client import TrainSettings, empirical_fisher, train_client
 from fdcr_mpi.client.batched import train_group
 from fdcr_mpi.models import SimpleCNN, build_model
 
@@ -136,6 +136,26 @@ def step_profile(root: Path | None, samples: int, top: int = 12) -> list[dict]:
     train_group(model, start, [data] * GROUP, spec, settings, gens)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         train_group(model, start, [data] * GROUP, spec, settings, gens)
+    return top_operators(prof, top)
+
+
+def fisher_profile(root: Path | None, samples: int, top: int = 10) -> list[dict]:
+    """The operators of one client's empirical Fisher (Eq. 5, the ``layers`` backend, every sample of a
+    client, as a round computes it), by self CPU time (one thread)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    data, spec, _ = client_data(samples, root)
+    model = build_model("simple_cnn", 0)
+    idx = torch.arange(len(data))
+    empirical_fisher(model, data, spec, idx[:256])  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        empirical_fisher(model, data, spec, idx)
+    return top_operators(prof, top)
+
+
+def top_operators(prof, top: int) -> list[dict]:
+    """The ``top`` operators of a finished profile by self CPU time, with their share of the total."""
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
@@ -149,7 +169,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--samples", type=int, default=5400, help="one client's size in the step measurements")
     parser.add_argument("--skip-rounds", action="store_true", help="only the in-process step measurements")
+    parser.add_argument("--fisher-profile-only", action="store_true",
+                        help="add the Fisher's operator profile to the speed.json already in --out")
     args = parser.parse_args()
+    if args.fisher_profile_only:
+        result = json.loads((args.out / "speed.json").read_text())
+        result["fisher_profile"] = fisher_profile(shared_data_root(), args.samples)
+        write(args.out, result)
+        return
     root = shared_data_root()
     if root is None and not args.skip_rounds:
         raise SystemExit("benchmarks.speed needs the Fashion-MNIST files (../shared/data or $FDCR_SHARED_DATA)")
@@ -164,14 +191,22 @@ def main() -> None:
     steps = step_flops(root, args.samples, 1, 3)
     say("speed: step profile")
     profile_rows = step_profile(root, args.samples)
+    say("speed: Fisher profile")
+    fisher_rows = fisher_profile(root, args.samples)
     ratios = {key: round(runs["old"]["round"] / runs[key]["round"], 3)
               for key in TARGETS if runs.get("old", {}).get("ok") and runs.get(key, {}).get("ok")}
     result = {"epochs": args.epochs, "runs": runs, "ratios": ratios, "steps": steps, "profile": profile_rows,
+              "fisher_profile": fisher_rows,
               "targets": {f"old / {key} >= {bound}": ratios.get(key, 0) >= bound for key, bound in TARGETS.items()}
               if runs else {}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "speed.md").write_text(markdown(result))
+    write(args.out, result)
+
+
+def write(out: Path, result: dict) -> None:
+    """speed.json and speed.md in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "speed.md").write_text(markdown(result))
     print(markdown(result))
 
 
@@ -210,6 +245,13 @@ def markdown(r: dict) -> str:
               "| operator | ms | share | calls |", "|---|---|---|---|"]
     for row in r["profile"]:
         lines.append(f"| `{row['op']}` | {row['self_ms']:.0f} | {100 * row['share']:.1f}% | {row['calls']} |")
+    if r.get("fisher_profile"):
+        lines += ["", "## Where the Fisher's time goes (one client's empirical Fisher, Eq. 5, layers backend, every "
+                  "sample; self CPU time)", "", "| operator | ms | share | calls |", "|---|---|---|---|"]
+        for row in r["fisher_profile"]:
+            lines.append(f"| `{row['op']}` | {row['self_ms']:.0f} | {100 * row['share']:.1f}% | {row['calls']} |")
+    if r.get("notes"):
+        lines += ["", r["notes"]]
     return "\n".join(lines) + "\n"
 
 
