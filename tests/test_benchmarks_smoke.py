@@ -23,7 +23,26 @@ def test_every_benchmark_module_imports() -> None:
     import benchmarks.rank_entry
     import benchmarks.report
     import benchmarks.rounds
-    import benchmarks.run  # noqa: F401
+    import benchmarks.run
+    import benchmarks.scale
+    import benchmarks.speed  # noqa: F401
+
+
+def test_the_matrix_says_where_fdcr_loses_by_v_for_backdoors_and_a_for_untargeted_attacks() -> None:
+    from benchmarks.defense_matrix import where_fdcr_loses
+
+    def cell(defense: str, attack: str, a: float, r: float) -> dict:
+        return {"defense": defense, "attack": attack, "A": a, "R": r, "V": (a + r) / 2}
+
+    cells = [cell("fdcr", "badnets", 70, 90), cell("fedavg", "badnets", 78, 40), cell("median", "badnets", 75, 97),
+             cell("fdcr", "lie", 50, 99), cell("fedavg", "lie", 70, 99),
+             cell("fdcr", "fisher_uniform", 70, 20),  # a forged Fisher: the other defenses keep their badnets cells
+             {"defense": "krum", "attack": "badnets", "error": ["boom"]}]
+    rows = {line.split(" | ")[0].strip("| "): line for line in where_fdcr_loses(cells).splitlines()[2:]}
+    assert set(rows) == {"badnets", "lie", "fisher_uniform"}
+    assert "| V | 80.0 | 59.0 | median 86.0 (of 3) | better |" in rows["badnets"]
+    assert "| A | 50.0 | 70.0 | fedavg 70.0 (of 2) | worse |" in rows["lie"]  # judged by A, not by V
+    assert "| V | 45.0 | 59.0 | median 86.0 (of 3) | worse |" in rows["fisher_uniform"]
 
 
 def test_extrapolation_scales_training_by_epochs_and_data_and_the_fisher_by_data() -> None:
