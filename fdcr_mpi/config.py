@@ -483,7 +483,30 @@ left at that value they stay out of the hash, so those runs keep their hash (and
 
 
 def config_hash(config: BaseConfig) -> str:
-    """sha256 of everything that decides the results.
+    """sha256 of everything that decides the results (``hashed_values``)."""
+    return hashlib.sha256(json.dumps(hashed_values(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_differences(stored: BaseConfig, config: BaseConfig, most: int = 4) -> str:
+    """'train.batch_clients (1 there, 5 here), seed (0 there, 1 here)': the hashed keys in which two
+    configs differ, at most ``most`` of them ('' when none); the option sections that only one of
+    them uses are left out (the defense or attack name that differs says it)."""
+    def flat(data: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    a, b = hashed_values(stored), hashed_values(config)
+    there, here = flat(a), flat(b)
+    both = a.keys() & b.keys()  # an option section of a defense or attack only one side uses: its name says it
+    keys = sorted(k for k in there.keys() | here.keys() if there.get(k) != here.get(k) and k.split(".")[0] in both)
+    parts = [f"{k} ({there.get(k, 'unset')} there, {here.get(k, 'unset')} here)" for k in keys[:most]]
+    return ", ".join(parts) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def hashed_values(config: BaseConfig) -> dict[str, Any]:
+    """The config's values that decide the results, as nested plain data.
 
     Left out: ``runtime``, the data paths, the option sections of the defenses this run does
     not use (changing another defense's defaults must not orphan a finished run), and the
@@ -508,4 +531,4 @@ def config_hash(config: BaseConfig) -> str:
         section, key = dotted.split(".")
         if section in data and data[section].get(key, neutral) == neutral:
             data[section].pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return data

@@ -148,3 +148,17 @@ def test_the_start_up_note_says_when_batched_groups_leave_ranks_or_workers_idle(
     assert "2 batched groups" in note and "8 of the 10 client ranks have no client" in note
     assert "6 of the 8 worker threads" in idle_note(10, 5, 1, 8)
     assert "1 batched group of" in idle_note(4, 5, 3, 1)
+
+
+def test_config_differences_name_the_hashed_keys_that_differ_and_nothing_else() -> None:
+    from fdcr_mpi.config import config_differences
+
+    base = load_config(None, ["train.batch_clients=1"])
+    assert config_differences(base, load_config(None, ["train.batch_clients=1", "runtime.threads=1",
+                                                       "data.root=/x"])) == ""  # not hashed
+    assert config_differences(base, load_config(None)) == "train.batch_clients (1 there, 5 here)"
+    other = load_config(None, ["defense.name=fedavg", "seed=3", "attack.pgd_radius=0.5"])
+    said = config_differences(base, other)
+    assert said == ("attack.pgd_radius (unset there, 0.5 here), defense.name (fdcr there, fedavg here), "
+                    "seed (0 there, 3 here), train.batch_clients (1 there, 5 here)")  # fdcr.* left out
+    assert config_differences(base, other, most=2).endswith("and 2 more")

@@ -202,3 +202,14 @@ def test_the_console_is_plain_lines_in_a_batch_log(tmp_path: Path) -> None:
     assert not any(c in done.stdout + done.stderr for c in "\r\b\x1b")  # no cursor movement or colour in a log
     rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
     assert [line.split()[1] for line in rounds] == ["1/2", "2/2"] and all("ETA " in line for line in rounds)
+
+
+def test_a_run_directory_of_another_config_is_refused_naming_the_keys_that_differ(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "rounds=1", "train.batch_clients=1", "--quiet", "--out", str(out)]) == 0
+    before = (out / "run.h5").read_bytes()
+    capsys.readouterr()
+    assert main(["run", *TINY, "rounds=1", "--quiet", "--out", str(out)]) == 2  # the default is now 5 a group
+    err = capsys.readouterr().err
+    assert "belongs to another config" in err and "differs from this command in train.batch_clients (1 there, 5 here)" in err
+    assert len(err.strip().splitlines()) == 1 and (out / "run.h5").read_bytes() == before

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fdcr_mpi import __version__
-from fdcr_mpi.config import BaseConfig, config_hash, from_yaml, to_yaml
+from fdcr_mpi.config import BaseConfig, config_differences, config_hash, from_yaml, to_yaml
 from fdcr_mpi.data.experiment import Experiment
 from fdcr_mpi.defenses.base import Defense
 from fdcr_mpi.errors import UserError
@@ -104,7 +104,7 @@ class Recorder:
             try:
                 self.run_file = RunFile.open(path, config_hash=None if self.extend else self.hash)
             except UserError as exc:
-                raise UserError(self.extension_hint(path) or str(exc)) from None
+                raise UserError(self.extension_hint(path) or self.difference_note(path, str(exc))) from None
             self.take_extension()
             self.check_numerics()
             checkpoint = load_latest_checkpoint(self.out, self.hash, earlier=self.run_file.earlier_hashes())
@@ -119,6 +119,15 @@ class Recorder:
             partition=self.exp.partition, num_params=self.num_params)
         self.run_file.set_attr(NUMERICS, json.dumps(self.fingerprint, sort_keys=True))
         return 0, None, None
+
+    def difference_note(self, path: Path, message: str) -> str:
+        """``message`` (the run file belongs to another config), with the keys in which the configs differ
+        when the stored one can be read: what to set to continue that run instead."""
+        with contextlib.suppress(UserError, KeyError):
+            differences = config_differences(from_yaml(str(read_summary(path)["config"])), self.config)
+            if differences:
+                return f"{message}; it differs from this command in {differences}"
+        return message
 
     def extension_hint(self, path: Path) -> str | None:
         """The run file holds this config with fewer rounds: the command that extends it."""
