@@ -21,6 +21,7 @@ from fdcr_mpi.defenses import available, create
 from fdcr_mpi.defenses.base import ProxyData, RoundInputs
 from fdcr_mpi.defenses.quarantine import defend_with_quarantine
 from fdcr_mpi.models import FlatModel
+from fdcr_mpi.runtime import sentinel
 from fdcr_mpi.runtime.sentinel import FAILURE_FILE, PREVIOUS_FAILURE_FILE, note_failure
 from fdcr_mpi.store import load_latest_checkpoint
 from tests.test_mpi import (
@@ -231,6 +232,54 @@ def test_the_sentinel_names_the_first_rank_to_end_and_is_silent_after_done(tmp_p
         assert failure.startswith(f"fdcr-mpi: rank 1 (clients 0-4, pid {ranks[1].pid} on host here) failed "
                                   "during round 2/5: RuntimeError: boom;"), failure
         assert not list(tmp_path.glob(".failed-rank-*"))
+
+
+# A rank as the driver makes it: joins the node's watcher; on "close", its lifeline ends while
+# the process lives on, as a killed process's files close before it has ended.
+RANK = ("import json, sys, time\n"
+        "from fdcr_mpi.runtime.sentinel import join\n"
+        "watch = join(json.loads(sys.argv[1]), 0)\n"
+        "print('joined' if watch.lifeline is not None else 'alone', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "watch.close()\n"
+        "time.sleep(120)\n")
+
+
+def test_a_rank_is_named_when_its_lifeline_ends_before_it_has_ended(tmp_path: Path) -> None:
+    """Rank 2's files close (its lifeline ends) but its pid lives on, as in a slow exit under
+    load; meanwhile the launcher kills rank 0, whose pipe closes: rank 2 is named, not rank 0."""
+    leader = subprocess.Popen(["sleep", "120"])
+    identities = [f"here:{leader.pid}"]  # the lifeline address is the leader's; the ranks' pids follow
+    listener = sentinel.listen([*identities, "here:0", "here:0"], 0)
+    assert listener is not None
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK, json.dumps([*identities, "here:0", "here:0"])],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env())
+             for _ in range(2)]
+    procs = [leader, *ranks]
+    labels = ["server", "clients 0-4", "clients 5-9"]
+    spec = {"out": str(tmp_path), "host": "here", "elsewhere": [], "rounds_done": 1, "rounds": 5,
+            "ranks": {str(r): [p.pid, labels[r]] for r, p in enumerate(procs)}, "listener": listener.fileno()}
+    watcher = subprocess.Popen([sys.executable, "-c", SENTINEL, "pidfd", str(tmp_path), json.dumps(spec)],
+                               stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                               pass_fds=(listener.fileno(),))
+    listener.close()
+    try:
+        assert [r.stdout.readline().strip() for r in ranks] == ["joined", "joined"]
+        time.sleep(1)  # accepted
+        ranks[1].stdin.write("close\n")
+        ranks[1].stdin.flush()
+        time.sleep(0.5)
+        leader.kill()
+        _, stderr = watcher.communicate(timeout=30)  # closes rank 0's pipe first: it ended
+    finally:
+        watcher.kill()
+        for p in procs:
+            p.kill()
+            p.wait()
+    failure = (tmp_path / FAILURE_FILE).read_text()
+    assert stderr == failure
+    assert failure.startswith(f"fdcr-mpi: rank 2 (clients 5-9, pid {ranks[1].pid} on host here) ended "
+                              "unexpectedly (it was the first rank to end) during round 2/5;"), failure
 
 
 def _hash_of(out: Path) -> str:

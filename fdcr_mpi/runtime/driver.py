@@ -243,10 +243,14 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
 
     ctx = run_context(config, transport, exp, runner, defense)
     leader = launch.leader(transport.rank)
-    node_watch = sentinel.Watch()
-    if transport.size > 1 and transport.rank == leader != 0:  # the first rank of every other node
-        node_watch = sentinel.watch_node(out, identities, ctx.blocks, leader)
+    node_watch, listener = sentinel.Watch(), None
+    if transport.size > 1 and transport.rank == leader:  # the first rank of every node
+        listener = sentinel.listen(identities, leader)  # before the collective its node's other ranks join after
+        if leader != 0:
+            node_watch = sentinel.watch_node(out, identities, ctx.blocks, leader, listener)
     watching = transport.allgather(node_watch.active)
+    if transport.size > 1 and transport.rank != leader:
+        node_watch = sentinel.join(identities, leader)
     if not transport.is_server:
         try:
             run_rounds(ctx, 0, torch.empty(0), stop, record=None)  # the server's header says which round
@@ -260,7 +264,8 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
 
     try:
         remote = [r for r in range(transport.size) if launch.leader(r) != 0 and watching[launch.leader(r)]]
-        recorder.watch = sentinel.begin_attempt(out, identities, ctx.blocks, start, config.rounds, remote)
+        recorder.watch = sentinel.begin_attempt(out, identities, ctx.blocks, start, config.rounds, remote,
+                                                listener)
         if state:
             defense.load_state_dict(state)
         if weights is None:

@@ -33,6 +33,16 @@ stderr through ``fail_job``). ``fdcr-mpi inspect``
 shows ``failure.txt``; the next ``run``/``resume`` of the directory prints it once and
 renames it to ``failure.previous.txt``.
 
+A rank's end is stamped at the first sign of it. Killed, a process closes its files (its MPI
+sockets, which is how hydra learns of it and starts killing the others) a while before it has
+ended (its pidfd turns ready), and on a busy node that while can be longer than hydra needs to
+kill another rank. So every watched rank other than the watcher's own holds a *lifeline*: a
+connection to an abstract Unix socket (``listen`` by the node's first rank before a collective,
+``join`` by the node's other ranks after it) that the watcher accepts and knows by the peer's pid
+(``SO_PEERCRED``). The lifeline's end-of-file and the leader's pipe closing are stamped as ends,
+the pidfd only where it comes first; a rank whose lifeline could not connect is watched by its
+pid alone.
+
 Several nodes: the first rank of every other node starts a watcher of its own for the ranks of
 its node (``watch_node``, told ``done`` by that rank on an orderly end). The first time one of
 them sees a rank of its node end, it writes ``<out>/.sentinel-<node>.json`` (the time and the
@@ -50,10 +60,13 @@ ended, or once every watched pid has ended; it only sleeps in ``poll`` and never
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -68,16 +81,19 @@ NODE_RECORD = ".sentinel-"  # <out>/.sentinel-<node>.json: another node's first 
 NODE_WAIT = 3.0  # seconds rank 0's watcher waits for other nodes' records before it reports
 GRACE_SECONDS = 10.0  # a client ended, rank 0 lives and says nothing: report after this long
 PROC_POLL_MS = 50  # /proc polling period when pidfd_open is unavailable
+LIFELINE_NAME = "fdcr-mpi-sentinel-"  # abstract socket names: this, then a digest of the leader's identity
 
 
 # ----------------------------------------------------------------------------- rank 0's side
 
 
 class Watch:
-    """Rank 0's handle on the watcher (inactive, every method a no-op, when none was started)."""
+    """A rank's handle on its node's watcher: the leader's pipe to it (``fd``), another rank's
+    lifeline to it, or neither (every method a no-op)."""
 
-    def __init__(self, proc: subprocess.Popen | None = None, fd: int | None = None) -> None:
-        self.proc, self.fd = proc, fd
+    def __init__(self, proc: subprocess.Popen | None = None, fd: int | None = None,
+                 lifeline: socket.socket | None = None) -> None:
+        self.proc, self.fd, self.lifeline = proc, fd, lifeline
 
     @property
     def active(self) -> bool:
@@ -109,20 +125,26 @@ class Watch:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = None
+        if self.lifeline is not None:
+            self.lifeline.close()
+            self.lifeline = None
 
 
 def begin_attempt(out: Path, identities: list[str], blocks: list[list[int]], rounds_done: int,
-                  rounds: int, remote: list[int] | None = None) -> Watch:
+                  rounds: int, remote: list[int] | None = None, listener: socket.socket | None = None) -> Watch:
     """Rank 0, once the run directory is locked: report a previous failure, start the watcher.
 
     ``identities``: 'node:pid' of every rank; ``blocks``: the client ids of every rank; ``remote``:
-    the ranks that the watchers of other nodes follow. No watcher for a one-process run.
+    the ranks that the watchers of other nodes follow; ``listener``: from ``listen``, handed to
+    the watcher. No watcher for a one-process run.
     """
     previous_attempt(out)
     if len(identities) < 2:
+        if listener is not None:
+            listener.close()
         return Watch()
     return _start(out, identities, blocks, {"role": "server", "leader": 0, "rounds_done": rounds_done,
-                                             "rounds": rounds, "remote": remote or []})
+                                             "rounds": rounds, "remote": remote or []}, listener)
 
 
 def clear_records(out: Path) -> None:
@@ -132,20 +154,64 @@ def clear_records(out: Path) -> None:
             stale.unlink()
 
 
-def watch_node(out: Path, identities: list[str], blocks: list[list[int]], leader: int) -> Watch:
+def watch_node(out: Path, identities: list[str], blocks: list[list[int]], leader: int,
+               listener: socket.socket | None = None) -> Watch:
     """The first rank of a node other than rank 0's: start a watcher of the node's ranks."""
-    return _start(out, identities, blocks, {"role": "node", "leader": leader})
+    return _start(out, identities, blocks, {"role": "node", "leader": leader}, listener)
 
 
-def _start(out: Path, identities: list[str], blocks: list[list[int]], role: dict) -> Watch:
+def lifeline_address(identities: list[str], leader: int) -> str:
+    """The abstract socket of the watcher that rank ``leader`` starts ('node:pid' is unique to it)."""
+    return "\0" + LIFELINE_NAME + hashlib.sha256(identities[leader].encode()).hexdigest()[:32]
+
+
+def listen(identities: list[str], leader: int) -> socket.socket | None:
+    """A node's first rank, before a collective that its other ranks ``join`` after: the socket
+    its watcher will accept their lifelines on (connections wait in the backlog until then).
+    None where there are no abstract Unix sockets (not Linux): the pids are watched alone."""
+    host = identities[leader].rsplit(":", 1)[0]
+    local = sum(identity.rsplit(":", 1)[0] == host for identity in identities)
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        return _spawn(out, identities, blocks, role)
+        sock.bind(lifeline_address(identities, leader))
+        sock.listen(local)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def join(identities: list[str], leader: int) -> Watch:
+    """Every rank of a node but its first, after the collective: hold a lifeline to the node's
+    watcher until the process ends (or ``done``). Best effort: without it the pid is watched."""
+    if not hasattr(socket, "AF_UNIX"):
+        return Watch()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)  # a full backlog refuses rather than waits
+    try:
+        sock.connect(lifeline_address(identities, leader))
+    except OSError:
+        sock.close()
+        return Watch()
+    return Watch(lifeline=sock)
+
+
+def _start(out: Path, identities: list[str], blocks: list[list[int]], role: dict,
+           listener: socket.socket | None = None) -> Watch:
+    try:
+        return _spawn(out, identities, blocks, role, listener)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         sys.stderr.write(f"fdcr-mpi: warning: no sentinel for this job's node ({exc})\n")
         return Watch()
+    finally:
+        if listener is not None:
+            listener.close()  # the watcher holds its own copy
 
 
-def _spawn(out: Path, identities: list[str], blocks: list[list[int]], role: dict) -> Watch:
+def _spawn(out: Path, identities: list[str], blocks: list[list[int]], role: dict,
+           listener: socket.socket | None = None) -> Watch:
     leader = role["leader"]
     host = identities[leader].rsplit(":", 1)[0]
     own = _read(f"/proc/{os.getpid()}/cmdline")
@@ -159,7 +225,8 @@ def _spawn(out: Path, identities: list[str], blocks: list[list[int]], role: dict
         elif rank not in role.get("remote", []):
             elsewhere.append(rank)
     spec = {"out": str(out), "host": host, "ranks": watched, "elsewhere": elsewhere, "rounds_done": 0,
-            "rounds": 0, "resume": resume_command(out), **role}
+            "rounds": 0, "resume": resume_command(out), **role,
+            "listener": listener.fileno() if listener is not None else None}
     read_end, write_end = os.pipe()
     package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -167,8 +234,8 @@ def _spawn(out: Path, identities: list[str], blocks: list[list[int]], role: dict
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fdcr_mpi.runtime.sentinel", str(out), json.dumps(spec)],
-            stdin=read_end, stdout=subprocess.DEVNULL,
-            start_new_session=True, env=env, close_fds=True)
+            stdin=read_end, stdout=subprocess.DEVNULL, start_new_session=True, env=env, close_fds=True,
+            pass_fds=(listener.fileno(),) if listener is not None else ())
     except BaseException:
         os.close(write_end)
         raise
@@ -237,7 +304,10 @@ class Watcher:
         self.events: list[tuple[float, list[int], str | None]] = []  # (time, ranks, error or None)
         self.done = False
         self.leader_ended = False
+        self.gone: set[int] = set()  # ranks whose end is recorded (by lifeline, pipe or pidfd)
         self.buffer = b""
+        self.listener = _adopt(spec.get("listener"))
+        self.lifelines: dict[int, tuple[int, socket.socket]] = {}  # connection fd -> (rank, connection)
 
     # -- the loop
 
@@ -258,6 +328,8 @@ class Watcher:
                 continue  # ended before the watch began: not ours to judge
             pidfds[fd] = rank
             poller.register(fd, select.POLLIN)
+        if self.listener is not None:
+            poller.register(self.listener.fileno(), select.POLLIN)
         while pidfds or polled:
             ready = poller.poll(self._timeout_ms(bool(polled)))
             now = time.time()
@@ -265,6 +337,13 @@ class Watcher:
             for fd, _ in ready:
                 if fd == 0:
                     self._read_messages(poller, now)
+                elif self.listener is not None and fd == self.listener.fileno():
+                    self._accept(poller)
+                elif fd in self.lifelines:  # nothing is ever sent on it: ready means closed
+                    rank, conn = self.lifelines.pop(fd)
+                    poller.unregister(fd)
+                    conn.close()
+                    ended.append(rank)
                 elif fd in pidfds:
                     ended.append(pidfds.pop(fd))
                     poller.unregister(fd)
@@ -273,10 +352,10 @@ class Watcher:
                 if not _proc_alive(pid):
                     ended.append(rank)
                     del polled[rank]
-            if self.leader in ended and self.leader_ended:
-                ended.remove(self.leader)  # already known from its pipe
+            ended = sorted(set(ended) - self.gone)  # the leader's from its pipe, a lifeline's before its pid
+            self.gone.update(ended)
             if ended:  # before a message of the same wakeup (the leader failing because of this end)
-                self.events.insert(self._index_of(now), (now, sorted(ended), None))
+                self.events.insert(self._index_of(now), (now, ended, None))
                 self.leader_ended = self.leader_ended or self.leader in ended
             if self.node:
                 if self.done:  # an orderly end: a record written on the way is withdrawn
@@ -329,11 +408,29 @@ class Watcher:
             elif word == "failed":
                 self.events.append((now, [self.leader], rest))
                 self.leader_ended = True  # it is ending the job now
+                self.gone.add(self.leader)
         if not chunk:  # the leader closed the pipe: after 'done' or 'failed', or because it is ending
             if not self.done and not self.leader_ended:
                 self.events.append((now, [self.leader], None))  # its pidfd may turn ready a moment later
                 self.leader_ended = True
+                self.gone.add(self.leader)
             poller.unregister(0)
+
+    def _accept(self, poller: select.poll) -> None:
+        """Take the lifelines waiting on the listener; each is known by its peer's pid."""
+        by_pid = {pid: rank for rank, (pid, _) in self.ranks.items() if rank != self.leader}
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # none waiting (or the listener failed): the pids are still watched
+                return
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            rank = by_pid.get(struct.unpack("3i", creds)[0])
+            if rank is None or rank in self.gone:
+                conn.close()
+                continue
+            self.lifelines[conn.fileno()] = (rank, conn)
+            poller.register(conn.fileno(), select.POLLIN)
 
     def _should_report(self) -> bool:
         if self.leader_ended:
@@ -424,6 +521,18 @@ class Watcher:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _adopt(fd: int | None) -> socket.socket | None:
+    """The listening socket the watcher was handed (non-blocking), or None."""
+    if fd is None:
+        return None
+    try:
+        sock = socket.socket(fileno=int(fd))
+    except OSError:
+        return None
+    sock.setblocking(False)
+    return sock
 
 
 def _one_line(exc: BaseException) -> str:
