@@ -282,6 +282,22 @@ def test_a_rank_is_named_when_its_lifeline_ends_before_it_has_ended(tmp_path: Pa
                               "unexpectedly (it was the first rank to end) during round 2/5;"), failure
 
 
+def test_a_lifeline_nobody_listens_to_leaves_the_rank_watched_by_its_pid() -> None:
+    """No listener (the leader's watcher failed to start): ``join`` connects nothing and raises nothing."""
+    identities = [f"here:{os.getpid()}", "here:1"]
+    watch = sentinel.join(identities, 0)
+    assert watch.lifeline is None and not watch.active
+    listener = sentinel.listen(identities, 0)
+    assert listener is not None
+    try:
+        joined = sentinel.join(identities, 0)
+        assert joined.lifeline is not None
+        joined.done()  # an orderly end closes it
+        assert joined.lifeline is None
+    finally:
+        listener.close()
+
+
 def _hash_of(out: Path) -> str:
     with h5py.File(out / "run.h5", "r") as f:
         return str(f.attrs["config_hash"])

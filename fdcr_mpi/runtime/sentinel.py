@@ -422,10 +422,18 @@ class Watcher:
         while True:
             try:
                 conn, _ = self.listener.accept()
-            except OSError:  # none waiting (or the listener failed): the pids are still watched
+            except BlockingIOError:  # none waiting
                 return
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            rank = by_pid.get(struct.unpack("3i", creds)[0])
+            except OSError:  # the listener failed: the pids are still watched
+                poller.unregister(self.listener.fileno())
+                self.listener.close()
+                self.listener = None
+                return
+            try:
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                rank = by_pid.get(struct.unpack("3i", creds)[0])
+            except (OSError, struct.error):
+                rank = None
             if rank is None or rank in self.gone:
                 conn.close()
                 continue
