@@ -27,7 +27,7 @@ def rounds_in(path: Path) -> list[int]:
     try:
         with h5py.File(path, "r") as f:
             return f["rounds/round"][:].tolist() if "rounds/round" in f else []
-    except (OSError, KeyError):
+    except (OSError, KeyError, RuntimeError):  # a file being written can be read half-written
         return []
 
 
@@ -35,7 +35,7 @@ def status_of(path: Path) -> str | None:
     try:
         with h5py.File(path, "r") as f:
             return str(f.attrs["status"])
-    except (OSError, KeyError):
+    except (OSError, KeyError, RuntimeError):  # a file being written can be read half-written
         return None
 
 
