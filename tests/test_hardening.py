@@ -236,12 +236,12 @@ def test_the_sentinel_names_the_first_rank_to_end_and_is_silent_after_done(tmp_p
 
 # A rank as the driver makes it: joins the node's watcher; on "close", its lifeline ends while
 # the process lives on, as a killed process's files close before it has ended.
-RANK = ("import json, sys, time\n"
+RANK = ("import json, os, sys, time\n"
         "from fdcr_mpi.runtime.sentinel import join\n"
         "watch = join(json.loads(sys.argv[1]), 0)\n"
         "print('joined' if watch.lifeline is not None else 'alone', flush=True)\n"
         "sys.stdin.readline()\n"
-        "watch.close()\n"
+        "os.close(watch.lifeline)\n"
         "time.sleep(120)\n")
 
 
@@ -292,8 +292,10 @@ def test_a_lifeline_nobody_listens_to_leaves_the_rank_watched_by_its_pid() -> No
     try:
         joined = sentinel.join(identities, 0)
         assert joined.lifeline is not None
-        joined.done()  # an orderly end closes it
-        assert joined.lifeline is None
+        joined.done()  # an orderly end leaves it to the process's end (MPI still finalises)
+        os.fstat(joined.lifeline)
+        assert not os.get_inheritable(joined.lifeline)
+        os.close(joined.lifeline)
     finally:
         listener.close()
 

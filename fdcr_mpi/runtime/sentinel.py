@@ -89,10 +89,12 @@ LIFELINE_NAME = "fdcr-mpi-sentinel-"  # abstract socket names: this, then a dige
 
 class Watch:
     """A rank's handle on its node's watcher: the leader's pipe to it (``fd``), another rank's
-    lifeline to it, or neither (every method a no-op)."""
+    lifeline to it (``lifeline``, a file descriptor left open until the process ends: an
+    orderly end of the run, or the return of the driver, must not look like a death while MPI
+    still finalises), or neither (every method a no-op)."""
 
     def __init__(self, proc: subprocess.Popen | None = None, fd: int | None = None,
-                 lifeline: socket.socket | None = None) -> None:
+                 lifeline: int | None = None) -> None:
         self.proc, self.fd, self.lifeline = proc, fd, lifeline
 
     @property
@@ -125,9 +127,6 @@ class Watch:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = None
-        if self.lifeline is not None:
-            self.lifeline.close()
-            self.lifeline = None
 
 
 def begin_attempt(out: Path, identities: list[str], blocks: list[list[int]], rounds_done: int,
@@ -185,7 +184,8 @@ def listen(identities: list[str], leader: int) -> socket.socket | None:
 
 def join(identities: list[str], leader: int) -> Watch:
     """Every rank of a node but its first, after the collective: hold a lifeline to the node's
-    watcher until the process ends (or ``done``). Best effort: without it the pid is watched."""
+    watcher until the process ends (the kernel closes it then; the descriptor is not inherited
+    by programs the rank runs). Best effort: without it the pid is watched."""
     if not hasattr(socket, "AF_UNIX"):
         return Watch()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -195,7 +195,7 @@ def join(identities: list[str], leader: int) -> Watch:
     except OSError:
         sock.close()
         return Watch()
-    return Watch(lifeline=sock)
+    return Watch(lifeline=sock.detach())
 
 
 def _start(out: Path, identities: list[str], blocks: list[list[int]], role: dict,
