@@ -47,7 +47,9 @@ DESCRIPTION = ("Fashion-MNIST (real files, the whole 54,000-image client pool) o
                "a3fl.trigger_epochs=20 from the authors' 200) and chameleon (the authors' defaults), and five "
                "robust aggregators against lie and min_max. Every cell trains one client at a time "
                "(train.batch_clients=1, pinned since batched training became the default), the arithmetic of "
-               "the earlier cells.")
+               "the earlier cells. Session 9 added alignins, bucketing, bulyan, centered_clipping, crfl and dnc "
+               "against blended, and median, trimmed_mean, multi_krum, flame and signguard against label_flip, "
+               "min_sum and sign_flip (trimmed_mean against min_sum and deepsight against blended were cut short).")
 LOSSES = ("FDCR's figure per attack against FedAvg's (no defense) and the best defense run in that column: V "
           "(mean of A and R) for a backdoor, A for an untargeted attack. 'worse' / 'better': by more than one point. "
           "Computed from the cells above (one seed, 12 short rounds): a difference of a few points is within the "
