@@ -49,7 +49,7 @@ DESCRIPTION = ("Fashion-MNIST (real files, the whole 54,000-image client pool) o
                "(train.batch_clients=1, pinned since batched training became the default), the arithmetic of "
                "the earlier cells. Session 9 added alignins, bucketing, bulyan, centered_clipping, crfl and dnc "
                "against blended, and median, trimmed_mean, multi_krum, flame and signguard against label_flip, "
-               "min_sum and sign_flip (trimmed_mean against min_sum and deepsight against blended were cut short).")
+               "min_sum, sign_flip and gaussian (deepsight against blended ran over an hour and was cut short).")
 LOSSES = ("FDCR's figure per attack against FedAvg's (no defense) and the best defense run in that column: V "
           "(mean of A and R) for a backdoor, A for an untargeted attack. 'worse' / 'better': by more than one point. "
           "Computed from the cells above (one seed, 12 short rounds): a difference of a few points is within the "
