@@ -149,6 +149,12 @@ class Defense:
         except pydantic.ValidationError as exc:
             raise UserError(describe_validation_error(exc, prefix=self.name, schema=self.Options)) from None
 
+    def server_imports(self) -> tuple[str, ...]:
+        """The modules this defense's server step imports on first use (scikit-learn, FINCH: kept out
+        of every process's start). The server imports them in the background while the first round
+        trains (``runtime.preload``), off that round's critical path."""
+        return ()
+
     def aggregate(self, inputs: RoundInputs) -> RoundResult:
         """One round on every client's row, held by the server. A ``reducible`` defense is written
         once, as ``aggregate_ops``, and runs here on ``RowsOnServer``."""

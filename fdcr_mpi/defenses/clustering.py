@@ -31,12 +31,15 @@ def _canonical(labels: np.ndarray) -> np.ndarray:
     return rank[inverse.reshape(-1)].astype(np.int64)
 
 
+FINCH_IMPORT_WARNING = "pynndescent is not installed"
+"""finch-clust warns at import time when the optional pynndescent is missing; it is only used for
+more than 20,000 points (ann_threshold), never for K clients."""
+
+
 def _finch(values: np.ndarray, partition_level: int) -> np.ndarray:
     """FINCH, euclidean distance (the library default, cosine, merges every 1-D point)."""
     with warnings.catch_warnings():  # imported here: finch and scikit-learn cost every process a second
-        # finch-clust warns at import time when the optional pynndescent is missing; it is only
-        # used for more than 20,000 points (ann_threshold), never for K clients.
-        warnings.filterwarnings("ignore", message="pynndescent is not installed", category=UserWarning)
+        warnings.filterwarnings("ignore", message=FINCH_IMPORT_WARNING, category=UserWarning)
         from finch import FINCH
     c, _num_clust, _req_c = FINCH(
         data=values.reshape(-1, 1).astype(np.float64),

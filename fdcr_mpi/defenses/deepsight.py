@@ -198,6 +198,9 @@ class DeepSight(Defense):
     summary = "DeepSight: NEUP threshold exceedings, DDif/NEUP/bias-cosine HDBSCAN clusters, median-norm clipping"
     needs_proxy = True
 
+    def server_imports(self) -> tuple[str, ...]:
+        return ("sklearn.cluster",)
+
     class Options(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
         num_samples: int = pydantic.Field(default=20_000, ge=1, description="N: random inputs per seed for the DDifs")

@@ -187,6 +187,11 @@ class Fdcr(Defense):
     reducible = True
     Options = FdcrOptions
 
+    def server_imports(self) -> tuple[str, ...]:
+        if not self.options.fcdc:
+            return ()
+        return ("finch",) if self.options.clustering == "finch" else ("sklearn.cluster",)
+
     def aggregate_ops(self, ops: ClientOps) -> RoundResult | None:
         """Eqs. 6-12 over the clients (defenses/ops.py): gt (Eq. 9a) is a weighted sum every holder
         of rows gets, V_k and the importance sums go to the server as one value per client, the

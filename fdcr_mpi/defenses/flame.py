@@ -102,6 +102,9 @@ class Flame(Defense):
 
     summary = "FLAME: HDBSCAN majority cluster on cosine distances, clip to the median norm, add N(0, (0.001 S_t)^2)"
 
+    def server_imports(self) -> tuple[str, ...]:
+        return ("sklearn.cluster",)
+
     class Options(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
         noise_lambda: float = pydantic.Field(default=0.001, ge=0.0,

@@ -196,6 +196,9 @@ class FLDetector(Defense):
     summary = "FLDetector: L-BFGS-predicted updates, window-mean prediction error, gap statistic + 2-means removal"
     keeps_client_history = True
 
+    def server_imports(self) -> tuple[str, ...]:
+        return ("sklearn.cluster",)
+
     class Options(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
         window_size: int = pydantic.Field(default=10, ge=1,

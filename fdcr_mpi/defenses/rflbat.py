@@ -155,6 +155,9 @@ class RFLBAT(Defense):
 
     summary = "RFLBAT: 2-D PCA, distance-sum outliers (eps1=10, eps2=4), gap-statistic k-means, least similar cluster"
 
+    def server_imports(self) -> tuple[str, ...]:
+        return ("sklearn.cluster",)
+
     class Options(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
         eps1: float = pydantic.Field(default=10.0, gt=0.0, description="first removal: ED > eps1 * median(ED)")

@@ -111,6 +111,9 @@ class SignGuard(Defense):
 
     summary = "SignGuard: norm-ratio filter [0.1, 3] and MeanShift on sign statistics, clip to the median norm"
 
+    def server_imports(self) -> tuple[str, ...]:
+        return ("sklearn.cluster",)
+
     class Options(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
         lower: float = pydantic.Field(default=0.1, ge=0.0, description="L: smallest kept norm / median norm")

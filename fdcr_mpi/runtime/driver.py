@@ -37,7 +37,7 @@ from fdcr_mpi.defenses.base import Defense, ProxyData
 from fdcr_mpi.errors import Preempted, UserError
 from fdcr_mpi.models import build_model
 from fdcr_mpi.program import resume_command
-from fdcr_mpi.runtime import numerics, placement, sentinel
+from fdcr_mpi.runtime import numerics, placement, preload, sentinel
 from fdcr_mpi.runtime.allocator import tune_malloc
 from fdcr_mpi.runtime.clients import ClientRunner
 from fdcr_mpi.runtime.faults import InjectedFault
@@ -240,6 +240,8 @@ def execute(config: BaseConfig | Callable[[], BaseConfig], out: Path, *, restart
         if lock is not None:
             lock.release()
         raise UserError(setup_error)
+    if transport.is_server:
+        preload.start(defense.server_imports())  # while the first round trains
 
     ctx = run_context(config, transport, exp, runner, defense)
     leader = launch.leader(transport.rank)
