@@ -20,7 +20,9 @@ Then, in this process, where a step's time goes and how close it comes to the co
   of SimpleCNN on a three-channel 32x32 input, counted by ``torch.utils.flop_counter``; the batched
   step runs the grayscale first convolution on one channel, so it does less than this count) times
   the samples trained, over the time; against a plain 1024 x 1024 float32 matmul on one thread;
-- the same for the one-by-one step (``client.train_client``);
+- the same for the batched step on the vmap path (``train_group(..., vmap_path=True)``, the path
+  of models without a stacked form; the same numbers) and for the one-by-one step
+  (``client.train_client``);
 - the operators that take the batched step's time (``torch.profiler``, self CPU time).
 
 Writes ``speed.json`` and ``speed.md`` into ``--out``. The box's load is recorded with each figure:
@@ -95,10 +97,10 @@ def step_flops(root: Path | None, samples: int, epochs: int, repeats: int) -> di
     model = build_model("simple_cnn", 0)
     start = model.flat.clone()
 
-    def batched() -> float:
+    def batched(vmap_path: bool = False) -> float:
         gens = [torch.Generator().manual_seed(k) for k in range(GROUP)]
         t = time.perf_counter()
-        train_group(model, start, [data] * GROUP, spec, settings, gens)
+        train_group(model, start, [data] * GROUP, spec, settings, gens, vmap_path=vmap_path)
         return time.perf_counter() - t
 
     def single() -> float:
@@ -107,16 +109,19 @@ def step_flops(root: Path | None, samples: int, epochs: int, repeats: int) -> di
         train_client(model, data, spec, settings, torch.Generator().manual_seed(0))
         return time.perf_counter() - t
 
-    batched(), single()  # warm-up
+    batched(), batched(True), single()  # warm-up
     t_batched = median([batched() for _ in range(repeats)])
+    t_vmap = median([batched(True) for _ in range(repeats)])
     t_single = median([single() for _ in range(repeats)])
     matmul = matmul_flops(1)
     out = {"source": source, "flops_per_sample": per_sample, "samples_per_client": trained, "matmul_1thread": matmul,
            "batched": {"seconds": t_batched, "samples_per_s": GROUP * trained / t_batched,
                        "flops": GROUP * trained * per_sample / t_batched},
+           "batched_vmap": {"seconds": t_vmap, "samples_per_s": GROUP * trained / t_vmap,
+                            "flops": GROUP * trained * per_sample / t_vmap},
            "single": {"seconds": t_single, "samples_per_s": trained / t_single,
                       "flops": trained * per_sample / t_single}}
-    for key in ("batched", "single"):
+    for key in ("batched", "batched_vmap", "single"):
         out[key]["of_matmul"] = out[key]["flops"] / matmul
     out["matmul_2threads"] = matmul_flops(2)
     torch.set_num_threads(1)
@@ -238,7 +243,11 @@ def markdown(r: dict) -> str:
               f"A 1024 x 1024 float32 matmul: {s['matmul_1thread'] / 1e9:.1f} GFLOP/s on one thread, "
               f"{s['matmul_2threads'] / 1e9:.1f} on two.", "",
               "| step | samples/s | GFLOP/s | of the one-thread matmul |", "|---|---|---|---|"]
-    for key, label in (("batched", f"batched group of {GROUP} (train_group)"), ("single", "one client (train_client)")):
+    for key, label in (("batched", f"batched group of {GROUP} (train_group, stacked form)"),
+                       ("batched_vmap", f"batched group of {GROUP} (train_group, vmap path)"),
+                       ("single", "one client (train_client)")):
+        if key not in s:  # a sitting from before the stacked form
+            continue
         lines.append(f"| {label} | {s[key]['samples_per_s']:.0f} | {s[key]['flops'] / 1e9:.2f} | "
                      f"{100 * s[key]['of_matmul']:.1f}% |")
     lines += ["", "## Where the batched step's time goes (one epoch of five clients, self CPU time)", "",

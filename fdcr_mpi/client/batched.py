@@ -93,7 +93,7 @@ def steps_per_epoch(n: int, settings: TrainSettings) -> int:
 
 def train_group(model: FlatModel, start: torch.Tensor, datas: list[ClientData], spec: DatasetSpec,
                 settings: TrainSettings, generators: list[torch.Generator], *,
-                chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk: int = CHUNK, vmap_path: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Train G clients from the same weights ``start`` (D,) as one batched computation, on
     ``start``'s device.
 
@@ -102,7 +102,9 @@ def train_group(model: FlatModel, start: torch.Tensor, datas: list[ClientData], 
     (nan when it took no step), both on the device: what ``local_train(model, datas[k], spec, settings, generators[k])`` gives after
     ``model.load(start)``, to float tolerance, with each generator left in the same state.
     ``model`` supplies the architecture only: its weights are neither read nor changed.
-    ``chunk``: how many models one vmapped computation evaluates (a speed setting only).
+    ``chunk``: how many models one computation evaluates (a speed setting only); ``vmap_path``:
+    the vmap path even where ``client.stacked`` has a form for the model (the same numbers;
+    benchmarks compare the two).
     """
     module = model.module
     if not supports(module):
@@ -143,7 +145,8 @@ def train_group(model: FlatModel, start: torch.Tensor, datas: list[ClientData], 
         return out, losses
     first = datas[order[0]]  # takes the most steps, so it has samples: the stacked form is recorded on two
     example = first.inputs(torch.arange(min(2, len(first)), device=device), spec, None)
-    plain, masked = stacked.loss_functions(module, example) or _loss_functions(batched_twin(module).train())
+    fast = None if vmap_path else stacked.loss_functions(module, example)
+    plain, masked = fast or _loss_functions(batched_twin(module).train())
 
     for s, k in enumerate(active):
         for lo in range(0, k, chunk):
