@@ -1,11 +1,14 @@
 """A rank's clients: train them on w_t, fill the rank's send blocks (docs/ARCHITECTURE.md, "One round, as data", step 2).
 
 The clients of a rank are trained one group at a time (a group is one client, or
-``train.batch_clients`` ids trained as one batched computation), on the rank's device. On a CPU
-rank with more than one worker (``runtime.threads`` / ``runtime.client_threads``, see
-``runtime.placement``) the groups are spread over worker threads, each with its own model; every
-client's arithmetic uses the same fixed intra-op threads however many workers there are, and
-its rows land at fixed positions, so the result does not depend on the scheduling. A malicious
+``train.batch_clients`` ids trained as one batched computation), on the rank's device; then each
+client's rows are filled (its Fisher vector, its weights). On a CPU rank with more than one
+worker (``runtime.threads`` / ``runtime.client_threads``, see ``runtime.placement``) the groups
+are spread over worker threads, each with its own model, and a client's filling is queued as
+soon as its group has trained, for whichever worker is free: a worker whose group was quick
+fills the clients of a slower one. Every client's arithmetic uses the same fixed intra-op
+threads however many workers there are, and its rows land at fixed positions, so the result
+does not depend on the scheduling. A malicious
 client's attack (``attacks``) acts through its hooks: the Fisher vector it reports and the
 weights it sends.
 """
@@ -13,7 +16,8 @@ weights it sends.
 from __future__ import annotations
 
 import queue
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +51,20 @@ class Outcome:
     trained: tuple[Mark, Mark]
     measured: tuple[Mark, Mark]
     train_share: float | None = None  # a batched group's seconds per client, when batched
+
+
+@dataclass
+class Trained:
+    """A client once its group has trained: its row, id, weights (D,) and generator (the Fisher
+    draws from it next), its mean loss and training marks."""
+
+    row: int
+    k: int
+    weights: torch.Tensor
+    generator: torch.Generator
+    loss: torch.Tensor
+    marks: tuple[Mark, Mark]
+    train_share: float | None
 
 
 class ClientRunner:
@@ -88,21 +106,40 @@ class ClientRunner:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
 
-    def each(self, jobs: list, work) -> list:
+    def _on_free_model(self, work: Callable, job):
+        """``work(model, job)`` on a free model; an exception is returned in place of the result."""
+        model = self.free.get()
+        try:
+            return work(model, job)
+        except Exception as exc:  # noqa: BLE001 - reported in job order by the caller
+            return exc
+        finally:
+            self.free.put(model)
+
+    def each(self, jobs: list, work: Callable) -> list:
         """``work(model, job)`` for every job, on the worker threads (each job gets a free model);
         the results in job order. An exception is returned in place of its job's result."""
-        def run(job):
-            model = self.free.get()
-            try:
-                return work(model, job)
-            except Exception as exc:  # noqa: BLE001 - reported in job order by the caller
-                return exc
-            finally:
-                self.free.put(model)
-
         if self.pool is None:
-            return [run(job) for job in jobs]
-        return list(self.pool.map(run, jobs))
+            return [self._on_free_model(work, job) for job in jobs]
+        return list(self.pool.map(lambda job: self._on_free_model(work, job), jobs))
+
+    def each_then(self, jobs: list, work: Callable, then: Callable) -> list:
+        """``work(model, job)`` for every job, giving a list of items, then ``then(model, item)`` for
+        each item, on the worker threads; an item's ``then`` is queued as soon as its job's ``work``
+        has ended, so a worker done early takes the items of a slower job. Per job, in job order:
+        the list of its items' results (an exception in place of one that raised), or the exception
+        its ``work`` raised."""
+        if self.pool is None:
+            firsts = [self._on_free_model(work, job) for job in jobs]
+            return [items if isinstance(items, Exception) else [self._on_free_model(then, i) for i in items]
+                    for items in firsts]
+        pending = {self.pool.submit(self._on_free_model, work, job): j for j, job in enumerate(jobs)}
+        follow: list = [None] * len(jobs)
+        for done in as_completed(pending):
+            items = done.result()
+            follow[pending[done]] = items if isinstance(items, Exception) else \
+                [self.pool.submit(self._on_free_model, then, item) for item in items]
+        return [f if isinstance(f, Exception) else [item.result() for item in f] for f in follow]
 
     def run_round(self, global_weights: torch.Tensor, round_: int, selected: np.ndarray | None = None) -> SendBlocks:
         """Train and measure the hosted clients in ``selected`` (all hosted ones when None), from
@@ -113,12 +150,15 @@ class ClientRunner:
         for group in self.groups(ids):
             groups.append((row, group))
             row += len(group)
-        results = self.each(groups, lambda model, job: self.run_group(model, *job, global_weights, round_))
+        results = self.each_then(groups, lambda model, job: self.train_group(model, *job, global_weights, round_),
+                                 lambda model, trained: self.fill(model, trained, global_weights))
         self.device.synchronize()  # every row's copy has landed; the losses and marks are final
         for (first, group), result in zip(groups, results):
-            if isinstance(result, Exception):
+            failed = result if isinstance(result, Exception) else next(
+                (r for r in result if isinstance(r, Exception)), None)
+            if failed is not None:
                 who = f"client {group[0]}" if len(group) == 1 else f"one of clients {group[0]}-{group[-1]}"
-                raise ClientFailure(f"{who} failed in round {round_}: {type(result).__name__}: {result}") from result
+                raise ClientFailure(f"{who} failed in round {round_}: {type(failed).__name__}: {failed}") from failed
             for i, (k, outcome) in enumerate(zip(group, result)):
                 self.record(first + i, k, round_, outcome)
         return self.blocks
@@ -131,9 +171,9 @@ class ClientRunner:
             out.setdefault(k // size, []).append(k)
         return list(out.values())
 
-    def run_group(self, model: FlatModel, first: int, group: list[int], global_weights: torch.Tensor,
-                  round_: int) -> list[Outcome]:
-        """A group's clients on ``model``: trained (one by one, or batched), measured, rows filled.
+    def train_group(self, model: FlatModel, first: int, group: list[int], global_weights: torch.Tensor,
+                    round_: int) -> list[Trained]:
+        """A group's clients trained on ``model`` (one by one, or batched), their rows from ``first``.
 
         An attacker whose attack ``trains_differently`` (``Attack.train``) is trained alone, on
         ``model``; the group's other members are still trained as one batched computation."""
@@ -150,24 +190,25 @@ class ClientRunner:
                                           self.exp.spec, self.exp.train_settings, [generators[i] for i in together])
             end = self.device.mark()
             batched = {i: (weights[j], losses[j]) for j, i in enumerate(together)}
-        outcomes = []
+        out = []
         for i, k in enumerate(group):
             if alone[i]:
                 model.load(global_weights)
                 begin_k = self.device.mark()
                 loss = self.train_alone(model, k, generators[i], global_weights)
-                marks = (begin_k, self.device.mark())
+                out.append(Trained(first + i, k, model.flat.clone(), generators[i], loss, (begin_k, self.device.mark()),
+                                   None))
             else:
                 weights_k, loss = batched[i]
-                model.load(weights_k)
-                marks = (begin, end)
-            begin_fill = self.device.mark()
-            self.fill_rows(model, first + i, k, global_weights, generators[i])
-            outcome = Outcome(loss, marks, (begin_fill, self.device.mark()))
-            if not alone[i]:
-                outcome.train_share = 1.0 / len(together)
-            outcomes.append(outcome)
-        return outcomes
+                out.append(Trained(first + i, k, weights_k, generators[i], loss, (begin, end), 1.0 / len(together)))
+        return out
+
+    def fill(self, model: FlatModel, trained: Trained, global_weights: torch.Tensor) -> Outcome:
+        """A trained client's rows filled on ``model`` (``fill_rows``), and its outcome."""
+        model.load(trained.weights)
+        begin = self.device.mark()
+        self.fill_rows(model, trained.row, trained.k, global_weights, trained.generator)
+        return Outcome(trained.loss, trained.marks, (begin, self.device.mark()), trained.train_share)
 
     def trains_alone(self, k: int) -> bool:
         """Whether client ``k`` is an attacker whose attack has a training of its own (``Attack.train``)."""
