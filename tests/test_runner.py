@@ -11,7 +11,7 @@ import torch
 
 from fdcr_mpi.config import load_config
 from fdcr_mpi.data.experiment import build_experiment
-from fdcr_mpi.runtime.clients import ClientRunner
+from fdcr_mpi.runtime.clients import ClientFailure, ClientRunner
 
 BASE = ["data.dataset=synthetic", "rounds=1", "train.local_epochs=1", "fisher.max_samples=64",
         "attack.malicious_ratio=0.2", "data.num_clients=6", "train.batch_clients=3"]
@@ -74,3 +74,23 @@ def test_the_rows_do_not_depend_on_the_workers() -> None:
     np.testing.assert_array_equal(blocks[0].fisher, blocks[1].fisher)
     np.testing.assert_array_equal(blocks[0].meta[:, 0], blocks[1].meta[:, 0])
     assert np.abs(blocks[0].weights[0] - blocks[0].weights[3]).max() > 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failure_names_the_client_or_the_group(monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    pool = runner(workers)
+    real_fill = pool.fill_rows
+
+    def fill_rows(model, row, k, *args):
+        if k == 4:
+            raise FloatingPointError("nan in the Fisher")
+        return real_fill(model, row, k, *args)
+
+    monkeypatch.setattr(pool, "fill_rows", fill_rows)
+    with pytest.raises(ClientFailure, match=r"^client 4 failed in round 0: FloatingPointError: nan in the Fisher"):
+        pool.run_round(pool.model.flat.clone(), 0)
+    monkeypatch.setattr(pool, "train_alone", lambda *a: 1 / 0)
+    monkeypatch.setattr("fdcr_mpi.client.batched.train_group", lambda *a, **k: 1 / 0)
+    with pytest.raises(ClientFailure, match=r"^one of clients 0-2 failed in round 0: ZeroDivisionError"):
+        pool.run_round(pool.model.flat.clone(), 0)
+    pool.close()

@@ -155,9 +155,11 @@ class ClientRunner:
         self.device.synchronize()  # every row's copy has landed; the losses and marks are final
         for (first, group), result in zip(groups, results):
             failed = result if isinstance(result, Exception) else next(
-                (r for r in result if isinstance(r, Exception)), None)
-            if failed is not None:
+                ((k, r) for k, r in zip(group, result) if isinstance(r, Exception)), None)
+            if failed is not None:  # the group's training raised, or one client's filling
                 who = f"client {group[0]}" if len(group) == 1 else f"one of clients {group[0]}-{group[-1]}"
+                if isinstance(failed, tuple):
+                    who, failed = f"client {failed[0]}", failed[1]
                 raise ClientFailure(f"{who} failed in round {round_}: {type(failed).__name__}: {failed}") from failed
             for i, (k, outcome) in enumerate(zip(group, result)):
                 self.record(first + i, k, round_, outcome)
