@@ -1,5 +1,5 @@
 """In-process benchmarks of one client: training throughput against a bare PyTorch loop, the
-batched-client mode (``fdcr_mpi.client.batched.train_group``, G clients as one vmapped computation)
+batched-client mode (``fdcr_mpi.client.batched.train_group``, G clients as one computation)
 against the same bare loop, and the empirical Fisher's cost against the client's 10-epoch
 local training.
 
@@ -241,13 +241,13 @@ def batched_figures(bt: dict, load: float, source: str) -> list[Figure]:
             if f"{name}_ratio" not in bt:
                 continue
             note = (f"{source}, {what}; {g} clients of {bt['samples_per_timing']['bare']} samples each "
-                    f"(same data, own generators), batch 64, tensor augmentation, vmapped {CHUNK} clients at a "
-                    f"time; median of {reps} rounds")
+                    f"(same data, own generators), batch 64, tensor augmentation, {CHUNK} clients at a time (the "
+                    f"stacked form, client/stacked.py); median of {reps} rounds")
             label = f"Batched-client training, {g} clients, {what} (train_group)"
             figures.append(Figure(f"batched_throughput_{name}_t{t}", label, bt[f"{name}_samples_per_s"],
                                   "samples/s", threads=str(t), load=load, notes=note))
             figures.append(Figure(f"batched_ratio_{name}_t{t}",
-                                  f"Batched-client (vmap) training, {g} clients, {what} / bare loop",
+                                  f"Batched-client training, {g} clients, {what} / bare loop",
                                   bt[f"{name}_ratio"], "x", ">=" if target else None, target, threads=str(t),
                                   load=load, notes="median of per-round ratios of samples/s; bare loop timed in "
                                   "the same rounds" + ("" if target else "; no shortcut for the first "
