@@ -49,7 +49,12 @@ DESCRIPTION = ("Fashion-MNIST (real files, the whole 54,000-image client pool) o
                "(train.batch_clients=1, pinned since batched training became the default), the arithmetic of "
                "the earlier cells. Session 9 added alignins, bucketing, bulyan, centered_clipping, crfl and dnc "
                "against blended, and median, trimmed_mean, multi_krum, flame and signguard against label_flip, "
-               "min_sum, sign_flip and gaussian (deepsight against blended ran over an hour and was cut short).")
+               "min_sum, sign_flip and gaussian (deepsight against blended ran over an hour and was cut short). "
+               "Session 10 added the library's defenses against scale3 and dba (alignins, bucketing, "
+               "centered_clipping, flame, fldetector, krum, median, norm_clipping, rflbat, signguard, "
+               "trimmed_mean, weak_dp), 19 defenses against lie (all but deepsight), and alignins, bucketing, "
+               "bulyan and centered_clipping against min_max and ipm, with crfl, dnc and finetuning against ipm "
+               "(54 cells, 192 in all).")
 LOSSES = ("FDCR's figure per attack against FedAvg's (no defense) and the best defense run in that column: V "
           "(mean of A and R) for a backdoor, A for an untargeted attack. 'worse' / 'better': by more than one point. "
           "Computed from the cells above (one seed, 12 short rounds): a difference of a few points is within the "
