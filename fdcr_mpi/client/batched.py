@@ -133,6 +133,8 @@ def train_group(model: FlatModel, start: torch.Tensor, datas: list[ClientData], 
             for _ in stream:
                 pass
     active = [sum(1 for t in total_steps if t > s) for s in range(total_steps[0])]
+    if not active:
+        return out, losses
 
     weights = start[:p].expand(num, p).clone()  # (G, P), row i is client order[i]
     momentum = torch.empty_like(weights) if settings.momentum else None
@@ -141,8 +143,6 @@ def train_group(model: FlatModel, start: torch.Tensor, datas: list[ClientData], 
     shapes = [(name, q.shape, q.numel()) for name, q in module.named_parameters()]
     offsets = [sum(n for _, _, n in shapes[:i]) for i in range(len(shapes))]
     leaves: dict[tuple[int, int], tuple[dict[str, torch.Tensor], list[torch.Tensor]]] = {}
-    if not active:
-        return out, losses
     first = datas[order[0]]  # takes the most steps, so it has samples: the stacked form is recorded on two
     example = first.inputs(torch.arange(min(2, len(first)), device=device), spec, None)
     fast = None if vmap_path else stacked.loss_functions(module, example)

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from fdcr_mpi.data.datasets import repeats_one_channel
+
 # operations acting on each element or each channel alone: replayed on the stacked tensor as they are
 ELEMENTWISE = {torch.relu, F.relu, torch.Tensor.relu, torch.tanh, torch.Tensor.tanh, torch.sigmoid,
                torch.Tensor.sigmoid, F.gelu, F.silu, F.elu, F.leaky_relu}
@@ -72,10 +74,9 @@ StackedFn = Callable[[Params, torch.Tensor], torch.Tensor]
 def image_input(x: torch.Tensor) -> Image:
     """The (G, B, C, H, W) stacked batch (``client.batched._stack_images``) as an image; a batch
     repeating one channel as a view (channel stride 0) keeps that channel once."""
-    c = x.shape[2]
-    repeated = c > 1 and x.stride(2) == 0
+    repeated = repeats_one_channel(x)
     stored = x.narrow(2, 0, 1) if repeated else x
-    return Image(stored.movedim(0, 1).flatten(1, 2), c, repeated)
+    return Image(stored.movedim(0, 1).flatten(1, 2), x.shape[2], repeated)
 
 
 def conv(weight: str, bias: str | None, stride: object, padding: object, dilation: object, out_channels: int) -> Step:

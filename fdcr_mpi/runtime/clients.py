@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,19 +126,31 @@ class ClientRunner:
     def each_then(self, jobs: list, work: Callable, then: Callable) -> list:
         """``work(model, job)`` for every job, giving a list of items, then ``then(model, item)`` for
         each item, on the worker threads; an item's ``then`` is queued as soon as its job's ``work``
-        has ended, so a worker done early takes the items of a slower job. Per job, in job order:
+        has ended, ahead of the jobs not yet started, so a worker done early takes the items of a
+        slower job and at most one job per worker holds its items at a time. Per job, in job order:
         the list of its items' results (an exception in place of one that raised), or the exception
         its ``work`` raised."""
         if self.pool is None:
-            firsts = [self._on_free_model(work, job) for job in jobs]
             return [items if isinstance(items, Exception) else [self._on_free_model(then, i) for i in items]
-                    for items in firsts]
-        pending = {self.pool.submit(self._on_free_model, work, job): j for j, job in enumerate(jobs)}
+                    for items in (self._on_free_model(work, job) for job in jobs)]
+        waiting = iter(enumerate(jobs))
+        running: dict = {}
         follow: list = [None] * len(jobs)
-        for done in as_completed(pending):
-            items = done.result()
-            follow[pending[done]] = items if isinstance(items, Exception) else \
-                [self.pool.submit(self._on_free_model, then, item) for item in items]
+
+        def start_next() -> None:
+            for j, job in waiting:
+                running[self.pool.submit(self._on_free_model, work, job)] = j
+                return
+
+        for _ in self.models:
+            start_next()
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for done in finished:
+                items, j = done.result(), running.pop(done)
+                follow[j] = items if isinstance(items, Exception) else \
+                    [self.pool.submit(self._on_free_model, then, item) for item in items]
+                start_next()
         return [f if isinstance(f, Exception) else [item.result() for item in f] for f in follow]
 
     def run_round(self, global_weights: torch.Tensor, round_: int, selected: np.ndarray | None = None) -> SendBlocks:
