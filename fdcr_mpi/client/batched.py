@@ -382,6 +382,6 @@ def batched_twin(module: nn.Module) -> nn.Module:
             if (type(child) is nn.Conv2d and child.padding_mode == "zeros"
                     and not isinstance(child.padding, str)):
                 setattr(parent, name, _TwinConv2d(child))
-            elif type(child) is nn.MaxPool2d and not child.return_indices:
+            elif isinstance(child, nn.MaxPool2d) and not child.return_indices:
                 setattr(parent, name, _TwinMaxPool2d(child))
     return twin

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fdcr_mpi.models.pooling import MaxPool2x2
+
 
 def pooled_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The two conv -> max-pool -> ReLU stages of SimpleCNN and Cnn1M, flattened.
@@ -33,7 +35,7 @@ class SimpleCNN(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 6, 5)
         self.conv2 = nn.Conv2d(6, 16, 5)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2x2()
         self.fc1 = nn.Linear(400, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, 84)
@@ -111,7 +113,7 @@ class Cnn1M(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 32, 5)
         self.conv2 = nn.Conv2d(32, 64, 5)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2x2()
         self.fc1 = nn.Linear(1600, 512)
         self.fc2 = nn.Linear(512, 256)
         self.classifier = nn.Linear(256, num_classes)
