@@ -23,7 +23,11 @@ Then, in this process, where a step's time goes and how close it comes to the co
 - the same for the batched step on the vmap path (``train_group(..., vmap_path=True)``, the path
   of models without a stacked form; the same numbers) and for the one-by-one step
   (``client.train_client``);
-- the operators that take the batched step's time (``torch.profiler``, self CPU time).
+- the operators that take the batched step's time (``torch.profiler``, self CPU time), and the
+  Fisher's;
+- inference (no gradient): an evaluation pass of SimpleCNN and DeepSight's division differences,
+  each with the model's pooling (``models.pooling.MaxPool2x2``) and with ``nn.MaxPool2d(2)`` (the
+  plain kernel) in its place, one thread; and the evaluation pass's operators.
 
 Writes ``speed.json`` and ``speed.md`` into ``--out``. The box's load is recorded with each figure:
 compare ratios from one sitting on a quiet machine.
@@ -36,17 +40,19 @@ import json
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import REPO, median, say, shared_data_root
+from benchmarks.common import REPO, median, median_time, say, shared_data_root
 from benchmarks.local import client_data
 from benchmarks.threads import round_seconds
 from fdcr_mpi.client import TrainSettings, empirical_fisher, train_client
 from fdcr_mpi.client.batched import train_group
 from fdcr_mpi.models import SimpleCNN, build_model
+from fdcr_mpi.models.pooling import MaxPool2x2
 
 LAUNCHES = {
     "old": (None, ["runtime.threads=2", "runtime.client_threads=2", "train.batch_clients=1"]),
@@ -159,6 +165,48 @@ def fisher_profile(root: Path | None, samples: int, top: int = 10) -> list[dict]
     return top_operators(prof, top)
 
 
+def with_plain_pooling(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every ``MaxPool2x2`` replaced by ``nn.MaxPool2d(2)`` (the kernel ``F.max_pool2d``)."""
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, MaxPool2x2):
+                setattr(parent, name, torch.nn.MaxPool2d(2))
+    return module
+
+
+def inference(root: Path | None, images: int = 2000, repeats: int = 3, top: int = 8) -> dict:
+    """Seconds of an evaluation pass over ``images`` test-sized images (``metrics.predictions``) and
+    of DeepSight's division differences (10 clients, one seed of ``images`` random inputs), with the
+    model's pooling and with the plain kernel (median of ``repeats``, one thread); and the
+    evaluation pass's operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fdcr_mpi.defenses.deepsight import division_differences
+    from fdcr_mpi.metrics import predictions
+    from fdcr_mpi.seeding import DEFENSE
+
+    torch.set_num_threads(1)
+    data, _, source = client_data(images, root)
+    gen = torch.Generator().manual_seed(0)
+    out: dict = {"source": source, "images": images}
+    for key in ("pool2x2", "plain"):
+        model = build_model("simple_cnn", 0)
+        if key == "plain":
+            with_plain_pooling(model.module)
+        start = model.flat.clone()
+        clients = start + 0.01 * torch.randn(10, start.numel(), generator=gen)
+        ddif_args = (model, start, clients, (3, 32, 32), images, 1, 0, (DEFENSE, 0, 0))
+        out[key] = {"evaluate_s": median_time(partial(predictions, model, data.x), repeats)[0],
+                    "ddif_s": median_time(partial(division_differences, *ddif_args), repeats)[0]}
+        if key == "pool2x2":
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                predictions(model, data.x)
+            out["profile"] = top_operators(prof, top)
+    for figure in ("evaluate_s", "ddif_s"):
+        out[f"{figure[:-2]}_plain_over_pool2x2"] = out["plain"][figure] / out["pool2x2"][figure]
+    return out
+
+
 def top_operators(prof, top: int) -> list[dict]:
     """The ``top`` operators of a finished profile by self CPU time, with their share of the total."""
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
@@ -176,10 +224,15 @@ def main() -> None:
     parser.add_argument("--skip-rounds", action="store_true", help="only the in-process step measurements")
     parser.add_argument("--fisher-profile-only", action="store_true",
                         help="add the Fisher's operator profile to the speed.json already in --out")
+    parser.add_argument("--inference-only", action="store_true",
+                        help="add the inference figures to the speed.json already in --out")
     args = parser.parse_args()
-    if args.fisher_profile_only:
+    if args.fisher_profile_only or args.inference_only:
         result = json.loads((args.out / "speed.json").read_text())
-        result["fisher_profile"] = fisher_profile(shared_data_root(), args.samples)
+        if args.fisher_profile_only:
+            result["fisher_profile"] = fisher_profile(shared_data_root(), args.samples)
+        if args.inference_only:
+            result["inference"] = inference(shared_data_root())
         write(args.out, result)
         return
     root = shared_data_root()
@@ -198,10 +251,12 @@ def main() -> None:
     profile_rows = step_profile(root, args.samples)
     say("speed: Fisher profile")
     fisher_rows = fisher_profile(root, args.samples)
+    say("speed: inference")
+    inference_figures = inference(root)
     ratios = {key: round(runs["old"]["round"] / runs[key]["round"], 3)
               for key in TARGETS if runs.get("old", {}).get("ok") and runs.get(key, {}).get("ok")}
     result = {"epochs": args.epochs, "runs": runs, "ratios": ratios, "steps": steps, "profile": profile_rows,
-              "fisher_profile": fisher_rows,
+              "fisher_profile": fisher_rows, "inference": inference_figures,
               "targets": {f"old / {key} >= {bound}": ratios.get(key, 0) >= bound for key, bound in TARGETS.items()}
               if runs else {}}
     write(args.out, result)
@@ -258,6 +313,18 @@ def markdown(r: dict) -> str:
         lines += ["", "## Where the Fisher's time goes (one client's empirical Fisher, Eq. 5, layers backend, every "
                   "sample; self CPU time)", "", "| operator | ms | share | calls |", "|---|---|---|---|"]
         for row in r["fisher_profile"]:
+            lines.append(f"| `{row['op']}` | {row['self_ms']:.0f} | {100 * row['share']:.1f}% | {row['calls']} |")
+    if r.get("inference"):
+        i = r["inference"]
+        lines += ["", f"## Inference: the pooling of models.pooling against the plain kernel ({i['source']}, one thread)",
+                  "", "| pass | MaxPool2x2 (s) | nn.MaxPool2d (s) | plain / MaxPool2x2 |", "|---|---|---|---|",
+                  f"| evaluation, {i['images']} images (metrics.predictions) | {i['pool2x2']['evaluate_s']:.3f} | "
+                  f"{i['plain']['evaluate_s']:.3f} | {i['evaluate_plain_over_pool2x2']:.2f} |",
+                  f"| DeepSight division differences, 10 clients, {i['images']} random inputs | "
+                  f"{i['pool2x2']['ddif_s']:.3f} | {i['plain']['ddif_s']:.3f} | {i['ddif_plain_over_pool2x2']:.2f} |",
+                  "", "Where the evaluation pass's time goes (MaxPool2x2; self CPU time):", "",
+                  "| operator | ms | share | calls |", "|---|---|---|---|"]
+        for row in i["profile"]:
             lines.append(f"| `{row['op']}` | {row['self_ms']:.0f} | {100 * row['share']:.1f}% | {row['calls']} |")
     if r.get("notes"):
         lines += ["", r["notes"]]

@@ -90,3 +90,30 @@ def test_quick_mode_runs_and_writes_both_results_files(tmp_path: Path) -> None:
     assert values["comm_ratio_gather"] is not None and values["comm_ratio_bcast"] is not None
     assert values["speedup_fdcr_mpi3_t1"] is not None
     assert (tmp_path / "RESULTS.md").read_text().startswith("# fdcr_mpi benchmarks")
+
+
+def test_the_inference_figures_time_both_poolings_and_render() -> None:
+    """benchmarks.speed.inference on a few random images: the plain-kernel model really has the
+    kernel (and computes the same predictions), and the section renders."""
+    import torch
+
+    from benchmarks.speed import inference, markdown, with_plain_pooling
+    from fdcr_mpi.metrics import predictions
+    from fdcr_mpi.models import build_model
+    from fdcr_mpi.models.pooling import MaxPool2x2
+
+    threads = torch.get_num_threads()
+    try:
+        figures = inference(None, images=32, repeats=1, top=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(figures["pool2x2"]) == set(figures["plain"]) == {"evaluate_s", "ddif_s"}
+    assert figures["ddif_plain_over_pool2x2"] > 0 and len(figures["profile"]) == 3
+    model, plain = build_model("simple_cnn", 0), build_model("simple_cnn", 0)
+    with_plain_pooling(plain.module)
+    assert type(plain.module.pool) is torch.nn.MaxPool2d and isinstance(model.module.pool, MaxPool2x2)
+    x = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(predictions(model, x), predictions(plain, x))
+    text = markdown({"epochs": 1, "runs": {}, "ratios": {}, "targets": {}, "profile": [], "inference": figures,
+                     "steps": {"source": "s", "flops_per_sample": 1e6, "matmul_1thread": 1e9, "matmul_2threads": 1e9}})
+    assert "DeepSight division differences, 10 clients, 32 random inputs" in text
