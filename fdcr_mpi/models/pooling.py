@@ -7,8 +7,13 @@ views of x, and
 
     y = max(max(a, b), max(c, d))
 
-is the pooling kernel's value, bitwise: a maximum rounds nothing, and a NaN anywhere in the window
-gives NaN in both. It is several times faster (benchmarks/results/speed.md).
+is the pooling kernel's value: a maximum rounds nothing, and a NaN anywhere in the window gives NaN
+in both. One difference is in the bits: where the maximum of a window is a zero held with both
+signs, the kernel returns the first of them and ``torch.maximum`` either; a layer that adds a bias
+to a sum over its inputs, as the convolution after each pooling of SimpleCNN and Cnn1M does, then
+gives bitwise the same output unless that output is itself an exact zero. It is several times
+faster (benchmarks/results/speed.md); an exact copy of the kernel's choices (with comparisons and
+selections instead of maxima) was slower than the kernel.
 
 Only the values are the same: autograd of ``torch.maximum`` splits the gradient of a tie between
 its two inputs, where the kernel hands it to the first maximum of the window. So ``max_pool2x2``
