@@ -109,9 +109,18 @@ def test_a_recording_mode_sees_one_max_pool2d_call() -> None:
     assert calls.funcs == [F.max_pool2d]
 
 
-def test_meta_tensors_keep_their_device() -> None:
+def test_other_devices_keep_their_pooling_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off the CPU (here the meta device, as a GPU would be) the pooling kernel runs, not the views."""
+    from fdcr_mpi.models import pooling
+
+    def no_views(x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("window_max off the CPU")
+
+    monkeypatch.setattr(pooling, "window_max", no_views)
     with torch.no_grad():
         out = max_pool2x2(torch.empty(2, 6, 28, 28, device="meta"))
+        with pytest.raises(AssertionError, match="off the CPU"):
+            max_pool2x2(torch.zeros(2, 6, 28, 28))  # the CPU takes the views
     assert out.device.type == "meta" and out.shape == (2, 6, 14, 14)
 
 

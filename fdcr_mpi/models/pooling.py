@@ -47,8 +47,9 @@ def _plain_op_needed(x: torch.Tensor) -> bool:
 
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
-    """``F.max_pool2d(x, 2)``, by ``window_max`` where no gradient is recorded and H, W are even."""
-    if _plain_op_needed(x) or x.dim() < 3 or x.shape[-1] % 2 or x.shape[-2] % 2:
+    """``F.max_pool2d(x, 2)``, by ``window_max`` for a CPU tensor with even H and W through which no
+    gradient is recorded (a GPU's pooling kernel is one launch where this takes three)."""
+    if _plain_op_needed(x) or x.device.type != "cpu" or x.dim() < 3 or x.shape[-1] % 2 or x.shape[-2] % 2:
         return F.max_pool2d(x, 2)
     return window_max(x)
 
