@@ -1,5 +1,6 @@
-"""models.pooling: the inference form of 2 x 2 max pooling equals F.max_pool2d bitwise, and
-anything that differentiates keeps the plain op."""
+"""models.pooling: 2 x 2 max pooling with F.max_pool2d's numbers: the inference form's values, the
+training form's values, indices and gradients bitwise, and the plain op under torch.func and
+recordings; one client's training and its Fisher are bitwise those of nn.MaxPool2d."""
 
 from __future__ import annotations
 
@@ -22,30 +23,67 @@ def tied(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 3, shape, generator=torch.Generator().manual_seed(seed)).float()
 
 
-@pytest.mark.parametrize("x", [
-    tied((8, 6, 28, 28)),
-    torch.randn(4, 16, 10, 10, generator=torch.Generator().manual_seed(1)),
-    torch.randn(4, 6, 28, 28, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=torch.channels_last),
-    torch.randn(4, 12, 8, 8, generator=torch.Generator().manual_seed(3))[:, ::2],
-    torch.full((2, 3, 4, 4), float("-inf")),
-], ids=["ties", "normal", "channels_last", "strided", "minus_inf"])
-def test_window_max_is_the_kernel_bitwise(x: torch.Tensor) -> None:
-    assert torch.equal(bits(window_max(x)), bits(F.max_pool2d(x, 2)))
-    with torch.no_grad():
-        assert torch.equal(bits(max_pool2x2(x)), bits(F.max_pool2d(x, 2)))
-
-
 def signed_zeros(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     zeros = torch.zeros(shape)
     return torch.where(torch.rand(shape, generator=gen) > 0.5, zeros, -zeros)
 
 
+def signed_zeros_in(shape: tuple[int, ...]) -> torch.Tensor:
+    """Zeros of both signs, with tied windows of other values in every third row."""
+    x = signed_zeros(shape, seed=10)
+    x[:, :, ::3] = tied((shape[0], shape[1], (shape[2] + 2) // 3, shape[3]), seed=11)
+    return x
+
+
+def with_nans(x: torch.Tensor) -> torch.Tensor:
+    """x with NaN in some windows: alone, and twice in one window (the kernel keeps the last)."""
+    x = x.clone()
+    x.view(-1)[::997] = float("nan")
+    x[0, 0, 2:4, 2:4] = torch.tensor([[1.0, float("nan")], [float("nan"), 2.0]])
+    return x
+
+
+CASES = [
+    tied((8, 6, 28, 28)),
+    torch.randn(4, 16, 10, 10, generator=torch.Generator().manual_seed(1)),
+    torch.randn(4, 6, 28, 28, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=torch.channels_last),
+    torch.randn(4, 12, 8, 8, generator=torch.Generator().manual_seed(3))[:, ::2],
+    torch.full((2, 3, 4, 4), float("-inf")),
+]
+IDS = ["ties", "normal", "channels_last", "strided", "minus_inf"]
+
+
+@pytest.mark.parametrize("x", CASES, ids=IDS)
+def test_window_max_is_the_kernel_bitwise(x: torch.Tensor) -> None:
+    assert torch.equal(bits(window_max(x)), bits(F.max_pool2d(x, 2)))
+    with torch.no_grad():
+        assert torch.equal(bits(max_pool2x2(x)), bits(F.max_pool2d(x, 2)))
+
+
+@pytest.mark.parametrize("x", [*CASES, signed_zeros_in((8, 6, 12, 12)), with_nans(tied((4, 6, 28, 28), seed=13))],
+                         ids=[*IDS, "signed_zeros", "nan"])
+def test_the_training_form_has_the_kernels_values_layout_and_gradient_bitwise(x: torch.Tensor) -> None:
+    g = torch.randn(x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2,
+                    generator=torch.Generator().manual_seed(14))
+    g.view(-1)[::5] = -0.0
+    mine, plain = x.detach().clone(), x.detach().clone()
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        mine, plain = (t.contiguous(memory_format=torch.channels_last) for t in (mine, plain))
+    mine.requires_grad_()
+    plain.requires_grad_()
+    ours, kernel = max_pool2x2(mine), F.max_pool2d(plain, 2)
+    assert ours.grad_fn is not None and "ChannelsLastPool" in type(ours.grad_fn).__name__
+    assert torch.equal(bits(ours.detach()), bits(kernel.detach())) and ours.stride() == kernel.stride()
+    ours.backward(g)
+    kernel.backward(g)
+    assert torch.equal(bits(mine.grad), bits(plain.grad))
+
+
 def test_zeros_of_both_signs_give_zero_and_a_biased_layer_after_them_the_same_bits() -> None:
     """The one difference in the bits: the sign of a zero maximum. A convolution with a bias after
     the pooling (as in SimpleCNN) does not see it."""
-    x = signed_zeros((16, 6, 28, 28), seed=10)
-    x[:, :, ::3] = tied((16, 6, 10, 28), seed=11)[:, :, :10]  # some windows with other values
+    x = signed_zeros_in((16, 6, 28, 28))
     assert torch.equal(window_max(x), F.max_pool2d(x, 2))  # -0.0 == 0.0
     conv = torch.nn.Conv2d(6, 16, 5)
     with torch.no_grad():
@@ -136,3 +174,31 @@ def test_simple_cnn_evaluates_bitwise_as_with_nn_maxpool2d() -> None:
         plain = model(x)
     assert isinstance(build_model("simple_cnn", 0).module.pool, MaxPool2x2)
     assert torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize("model_name", ["simple_cnn", "cnn_1m"])
+def test_one_clients_training_and_fisher_are_bitwise_those_of_nn_maxpool2d(model_name: str) -> None:
+    """Local training (two SGD steps with momentum, augmentation) and the empirical Fisher of Eq. 5
+    (layers backend) of a model with MaxPool2x2 and of the same model with nn.MaxPool2d."""
+    from dataclasses import replace
+
+    from fdcr_mpi.client import TrainSettings, empirical_fisher, train_client
+    from fdcr_mpi.client.train import ClientData
+    from fdcr_mpi.data.datasets import SPECS
+
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(40, 1, 32, 32, generator=gen)
+    x[:, :, :6] = 0.0  # a flat border: tied windows
+    data = ClientData(x=x, y=torch.randint(0, 10, (40,), generator=gen), poisoned=torch.zeros(40, dtype=torch.bool))
+    spec, settings = SPECS["fmnist"], replace(TrainSettings(), local_epochs=1, batch_size=16)
+    results = []
+    for plain in (False, True):
+        model = build_model(model_name, 0)
+        if plain:
+            model.module.pool = torch.nn.MaxPool2d(2)
+        loss = train_client(model, data, spec, settings, torch.Generator().manual_seed(16))
+        results.append((float(loss), model.flat.clone(), empirical_fisher(model, data, spec, torch.arange(40))))
+    (loss_ours, w_ours, f_ours), (loss_plain, w_plain, f_plain) = results
+    assert not torch.equal(w_ours, build_model(model_name, 0).flat)  # it trained
+    assert loss_ours == loss_plain
+    assert torch.equal(bits(w_ours), bits(w_plain)) and torch.equal(bits(f_ours), bits(f_plain))
