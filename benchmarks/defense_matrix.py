@@ -54,7 +54,11 @@ DESCRIPTION = ("Fashion-MNIST (real files, the whole 54,000-image client pool) o
                "centered_clipping, flame, fldetector, krum, median, norm_clipping, rflbat, signguard, "
                "trimmed_mean, weak_dp), 19 defenses against lie (all but deepsight), and alignins, bucketing, "
                "bulyan and centered_clipping against min_max and ipm, with crfl, dnc and finetuning against ipm "
-               "(54 cells, 192 in all).")
+               "(54 cells, 192 in all). Session 11 added 66 cells (258 in all): deepsight against scale3, dba, lie, "
+               "min_max, ipm and blended (8-10 minutes a cell, since models/pooling.py made its division differences "
+               "twice as fast), the library's defenses against scaling (24), neurotoxin and label_flip (11 and 10, "
+               "alignins to foolsgold in alphabetical order), 12 more against ipm, and crfl, dnc and finetuning "
+               "against min_max.")
 LOSSES = ("FDCR's figure per attack against FedAvg's (no defense) and the best defense run in that column: V "
           "(mean of A and R) for a backdoor, A for an untargeted attack. 'worse' / 'better': by more than one point. "
           "Computed from the cells above (one seed, 12 short rounds): a difference of a few points is within the "
