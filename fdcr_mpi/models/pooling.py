@@ -72,8 +72,8 @@ def channels_last(x: torch.Tensor) -> bool:
 
 
 def _plain_op_needed() -> bool:
-    """Whether a torch function mode watches the calls (asked first, before any call on x it
-    would see) or a torch.func transform is on."""
+    """Whether a torch function mode watches the calls or a torch.func transform is on (asked
+    before ``max_pool2x2`` touches x, so that a recording sees no call but ``F.max_pool2d``)."""
     mode = getattr(torch._C, "_is_torch_function_mode_enabled", None)
     functorch = getattr(torch._C, "_are_functorch_transforms_active", None)
     return mode is None or bool(mode()) or functorch is None or bool(functorch())
